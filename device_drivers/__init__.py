@@ -1,0 +1,1 @@
+"""Protocol side of Yujing: register codecs, request planning and transports. No scheduling, spool or MQTT."""

@@ -1,0 +1,169 @@
+"""Modbus transports (TCP and RTU over a serial port) on pymodbus's async clients.
+
+The only module that touches pymodbus. It moves one request at a time and translates every failure
+into `DeviceError` (a quality code: the device is there but this read failed) or `TransportError`
+(the port or connection is gone). Retries, pacing and device state belong to the bus scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
+
+from gateway.model import Quality, modbus_exception_quality
+
+from .registers import Table
+
+# pymodbus logs every timeout at ERROR; the scheduler logs state changes instead.
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+class DeviceError(Exception):
+    """A read failed with a device-side cause; `quality` says which (timeout, CRC, Modbus exception)."""
+
+    def __init__(self, quality: int, detail: str) -> None:
+        super().__init__(detail)
+        self.quality = quality
+
+
+class TransportError(Exception):
+    """The port or connection is unavailable; the whole bus backs off."""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    host: str
+    port: int = 502
+    timeout_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSettings:
+    port: str
+    baudrate: int = 9600
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: int = 1
+    timeout_s: float = 0.3
+
+
+class Transport(Protocol):
+    name: str
+
+    async def connect(self) -> None:
+        """Open the port or connection; raises TransportError."""
+
+    async def read(self, table: Table, address: int, count: int, unit: int) -> list[int] | list[bool]:
+        """One read. Returns exactly `count` registers or bits; raises DeviceError or TransportError."""
+
+    async def write_coil(self, address: int, value: bool, unit: int) -> None:
+        """One coil write (FC 5); raises DeviceError or TransportError."""
+
+    async def write_register(self, address: int, value: int, unit: int) -> None:
+        """One holding-register write (FC 6); raises DeviceError or TransportError."""
+
+    def close(self) -> None:
+        """Release the port; safe to call twice."""
+
+
+class ModbusTransport:
+    """A pymodbus client with one request in flight at a time and translated errors."""
+
+    def __init__(self, name: str, settings: TcpSettings | SerialSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self._rx_bytes = 0
+        if isinstance(settings, TcpSettings):
+            self._client = AsyncModbusTcpClient(
+                settings.host,
+                port=settings.port,
+                timeout=settings.timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=self._trace,
+            )
+        else:
+            self._client = AsyncModbusSerialClient(
+                settings.port,
+                framer=FramerType.RTU,
+                baudrate=settings.baudrate,
+                bytesize=settings.bytesize,
+                parity=settings.parity,
+                stopbits=settings.stopbits,
+                timeout=settings.timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=self._trace,
+            )
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        # Bytes that arrive but never make a valid response mean CRC/framing trouble, not silence.
+        if not sending:
+            self._rx_bytes += len(data)
+        return data
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.connected)
+
+    async def connect(self) -> None:
+        try:
+            ok = await self._client.connect()
+        except (OSError, ModbusException) as exc:
+            raise TransportError(f"{self.name}: cannot open: {exc}") from exc
+        if not ok:
+            raise TransportError(f"{self.name}: cannot open {self._where()}")
+
+    def _where(self) -> str:
+        s = self.settings
+        return f"{s.host}:{s.port}" if isinstance(s, TcpSettings) else s.port
+
+    async def read(self, table: Table, address: int, count: int, unit: int) -> list[int] | list[bool]:
+        c = self._client
+        call = {
+            Table.COIL: c.read_coils,
+            Table.DISCRETE: c.read_discrete_inputs,
+            Table.HOLDING: c.read_holding_registers,
+            Table.INPUT: c.read_input_registers,
+        }[table]
+        response = await self._execute(lambda: call(address, count=count, device_id=unit), f"read {table.value} {address}+{count}", unit)
+        values = response.bits if table.is_bits else response.registers
+        if len(values) < count:
+            raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: short reply, {len(values)} of {count}")
+        return list(values[:count])
+
+    async def write_coil(self, address: int, value: bool, unit: int) -> None:
+        await self._execute(lambda: self._client.write_coil(address, value, device_id=unit), f"write coil {address}", unit)
+
+    async def write_register(self, address: int, value: int, unit: int) -> None:
+        await self._execute(lambda: self._client.write_register(address, value, device_id=unit), f"write register {address}", unit)
+
+    async def _execute(self, call: Callable[[], Awaitable[ModbusPDU]], what: str, unit: int) -> ModbusPDU:
+        if not self._client.connected:
+            await self.connect()
+        self._rx_bytes = 0
+        try:
+            response = await call()
+        except ModbusIOException as exc:
+            quality = Quality.FRAMING if self._rx_bytes else Quality.TIMEOUT
+            raise DeviceError(quality, f"{self.name} unit {unit}: {what}: {'bad frame' if self._rx_bytes else 'no answer'}") from exc
+        except ConnectionException as exc:
+            raise TransportError(f"{self.name}: connection lost during {what}: {exc}") from exc
+        except ModbusException as exc:
+            raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: {exc}") from exc
+        except OSError as exc:
+            raise TransportError(f"{self.name}: {what}: {exc}") from exc
+        if response.isError():
+            code = getattr(response, "exception_code", 0)
+            raise DeviceError(modbus_exception_quality(code), f"{self.name} unit {unit}: {what}: Modbus exception {code}")
+        return response
+
+    def close(self) -> None:
+        self._client.close()

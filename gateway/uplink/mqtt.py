@@ -1,0 +1,216 @@
+"""The MQTT uplink: drains the spool to the broker. It never reads devices and never decides alarms.
+
+Each connection starts with the births (older sessions that still have data waiting first, not
+retained; then the current one, retained), then re-sends every sealed message that was not
+acknowledged, then seals and sends new ones. A message is deleted from the spool only on PUBACK.
+The will is the session's death (reason *lost*); a clean stop publishes death (reason *clean*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from gateway import wire
+from gateway.clock import Clock
+from gateway.config import UplinkConfig
+from gateway.spool import Message, Spool
+
+log = logging.getLogger("yujing.uplink")
+
+
+@dataclass(frozen=True)
+class Identity:
+    site: str
+    gateway: str
+    software: str
+
+
+def read_password(cfg: UplinkConfig) -> str | None:
+    if cfg.password_file is None:
+        return None
+    try:
+        return cfg.password_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise RuntimeError(f"uplink.password_file {cfg.password_file}: cannot read: {exc.strerror}") from exc
+
+
+def tls_context(cfg: UplinkConfig) -> ssl.SSLContext | None:
+    if not cfg.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    if cfg.cert_file and cfg.key_file:
+        ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+    return ctx
+
+
+def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str | None = None) -> aiomqtt.Client:
+    protocol = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    return aiomqtt.Client(
+        cfg.host,
+        cfg.port,
+        username=cfg.username,
+        password=read_password(cfg),
+        identifier=client_id if client_id is not None else cfg.client_id,
+        protocol=protocol,
+        will=will,
+        keepalive=cfg.keepalive_s,
+        tls_context=tls_context(cfg),
+        timeout=10,
+        max_inflight_messages=64,
+        max_queued_outgoing_messages=0,
+    )
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so a fleet does not reconnect in lockstep after a broker restart."""
+
+    def __init__(self, low: float, high: float, rng: random.Random) -> None:
+        self.low, self.high, self.rng = low, high, rng
+        self.attempt = 0
+
+    def next(self) -> float:
+        cap = min(self.high, self.low * 2**self.attempt)
+        self.attempt += 1
+        return self.low / 2 + self.rng.uniform(0, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Uplink:
+    WINDOW = 32  # data messages in flight at once
+
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        identity: Identity,
+        spool: Spool,
+        session: int,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+        historical_after_s: float = 60.0,
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.spool = spool
+        self.session = session
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.historical_after_ms = int(historical_after_s * 1000)
+        self.wake = asyncio.Event()
+        self.connected = False
+        self.published = 0
+        self.acked = 0
+
+    def topic(self, kind: str) -> str:
+        return wire.topic(self.cfg.topic_prefix, self.identity.site, self.identity.gateway, kind)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, drain, reconnect with backoff, until `stop` is set; then say goodbye (death, clean)."""
+        backoff = Backoff(self.cfg.backoff_min_s, self.cfg.backoff_max_s, self.rng)
+        will = aiomqtt.Will(self.topic("death"), wire.encode_death(session=self.session, reason=wire.DEATH_LOST), qos=1, retain=True)
+        while not stop.is_set():
+            try:
+                async with make_client(self.cfg, will) as client:
+                    self.connected = True
+                    backoff.reset()
+                    log.info("broker %s:%d connected (session %d)", self.cfg.host, self.cfg.port, self.session)
+                    await self._births(client)
+                    await self._drain(client, stop)
+                    await self._goodbye(client)
+                    return
+            except aiomqtt.MqttError as exc:
+                if self.connected:
+                    log.warning("broker %s:%d lost: %s", self.cfg.host, self.cfg.port, exc)
+                else:
+                    log.debug("broker %s:%d unreachable: %s", self.cfg.host, self.cfg.port, exc)
+            finally:
+                self.connected = False
+            delay = backoff.next()
+            log.info("reconnecting to %s:%d in %.1fs", self.cfg.host, self.cfg.port, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _births(self, client: aiomqtt.Client) -> None:
+        for session in self.spool.pending_sessions():
+            if session != self.session:
+                await client.publish(self.topic("birth"), self._birth(session), qos=1, retain=False)
+        await client.publish(self.topic("birth"), self._birth(self.session), qos=1, retain=True)
+
+    def _birth(self, session: int) -> bytes:
+        found = self.spool.catalogue(session)
+        catalogue, started = found if found else ((), self.clock.time_ms())
+        return wire.encode_birth(
+            session=session, ts_ms=started, site=self.identity.site, gateway=self.identity.gateway,
+            software=self.identity.software, catalogue=catalogue, dropped=self.spool.dropped,
+        )
+
+    async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        sent_upto = 0
+        inflight: set[asyncio.Task[Any]] = set()
+        failure: list[BaseException] = []
+
+        async def send(m: Message) -> None:
+            try:
+                await client.publish(self.topic("data"), m.payload, qos=1)
+            except aiomqtt.MqttError as exc:
+                failure.append(exc)
+                self.wake.set()
+                return
+            self.acked += 1
+            self.spool.delivered(m.seq)
+
+        try:
+            while True:
+                if failure:
+                    raise failure[0]
+                if stop.is_set():
+                    # What is not acknowledged now stays in the spool for the next start.
+                    if inflight:
+                        await asyncio.wait(inflight, timeout=2.0)
+                    return
+                self.wake.clear()  # before looking, so a reading spooled after the look wakes us
+                batch = self.spool.unsent(after_seq=sent_upto, limit=self.WINDOW)
+                if not batch:
+                    sealed = self.spool.seal(self.cfg.batch_max, now_ms=self.clock.time_ms(), historical_after_ms=self.historical_after_ms)
+                    batch = [sealed] if sealed else []
+                if batch:
+                    for m in batch:
+                        while len(inflight) >= self.WINDOW:
+                            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                            if failure:
+                                raise failure[0]
+                        task = asyncio.create_task(send(m), name=f"publish-seq-{m.seq}")
+                        inflight.add(task)
+                        task.add_done_callback(inflight.discard)
+                        sent_upto = m.seq
+                        self.published += 1
+                    continue
+                waiter = asyncio.create_task(self.wake.wait())
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                if not stop.is_set() and self.cfg.batch_delay_s:
+                    await self.clock.sleep(self.cfg.batch_delay_s)  # let a poll round land in one message
+        finally:
+            for t in inflight:
+                t.cancel()
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        payload = wire.encode_death(session=self.session, reason=wire.DEATH_CLEAN, ts_ms=self.clock.time_ms())
+        try:
+            await client.publish(self.topic("death"), payload, qos=1, retain=True, timeout=2.0)
+            log.info("death published (clean stop, session %d)", self.session)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not publish death on stop: %s", exc)

@@ -1,0 +1,84 @@
+"""Real peers for the test session: a mosquitto broker on loopback, started once per session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class Broker:
+    host: str
+    port: int
+    process: subprocess.Popen
+    conf: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(5)
+
+    def start(self) -> None:
+        """(Re)start on the same port, for outage tests."""
+        self.stop()
+        self.process = _spawn(self.conf)
+        wait_port(self.host, self.port)
+
+
+def _spawn(conf: Path) -> subprocess.Popen:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    return subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_mosquitto(workdir: Path) -> Broker:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        pytest.fail("mosquitto is not installed: run scripts/test.sh, which installs it (apt-get install mosquitto)")
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"max_queued_messages 100000\nmax_inflight_messages 100\n"
+    )
+    broker = Broker("127.0.0.1", port, _spawn(conf), conf)
+    wait_port("127.0.0.1", port)
+    return broker
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of the test's own, which the test may stop and restart."""
+    broker = start_mosquitto(tmp_path)
+    yield broker
+    broker.stop()
