@@ -3,9 +3,9 @@
 This module is the reference encoder and decoder. It does no I/O, so the platform's developers can
 import it (`from gateway import wire`) without pulling in the gateway's runtime.
 
-Encoding is deterministic (RFC 8949 §4.2.1): cbor2's canonical mode sorts map keys bytewise by
-their encoding (checked against cbor2 6.2.1 in tests/test_wire.py) and writes the shortest float
-that keeps the value. Values are written as:
+Encoding is deterministic (RFC 8949 §4.2.1). cbor2's canonical mode writes shortest arguments and
+floats and sorts map keys length-first, which equals the bytewise order for the unsigned integer
+keys that are the only keys this format uses (both checked in tests/test_wire.py). Values:
 
 - bool → true/false, None → null, int → integer;
 - float → the shortest of float16/32/64 that round-trips exactly;

@@ -1,0 +1,156 @@
+"""Accumulation rule: totals over trailing windows from a cumulative counter (rain in the last 1 h, 3 h, 24 h).
+
+The counter is unwrapped into a running total. When a reading is lower than the one before:
+- if `modulus` is set and adding it gives a small increment (< modulus / 2), the counter wrapped;
+- otherwise the counter was reset (power loss, a "clear rain" command) and restarted from zero, so the
+  new reading is the amount since the reset.
+The window sums are exact at reading times: total now − total at the newest reading at or before
+now − window (the oldest reading while fewer than window seconds have been seen, a lower bound).
+A `fault.max_step` on this kind limits the *increment* between readings, not the raw counter change.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._parse import Table
+from .base import PointRule
+from .common import LevelSpec, PointConfig, parse_levels, parse_point
+from .levels import Level
+
+KIND = "accumulation"
+
+SAMPLE = """\
+[[rules]]
+kind = "accumulation"
+id = "res.rain"
+point = "rain.total"                # a cumulative counter, e.g. tipping-bucket mm
+description = "Rainfall, CMA-style"
+modulus = 429496729.6               # the counter wraps to 0 here (u32 × 0.1 mm); omit if it never wraps
+# One table per (level, window). Any window can trip its level; the highest level tripped wins.
+# Within one window_s, levels ascend and set values rise. clear defaults to set.
+levels = [
+  { level = "IV_BLUE",    window_s = 3600,  set = 30.0, clear = 25.0 },
+  { level = "III_YELLOW", window_s = 10800, set = 50.0, clear = 45.0 },
+  { level = "II_ORANGE",  window_s = 10800, set = 100.0, clear = 90.0 },
+]
+# on_delay_s = 0.0                  # or on_delay_count = 1
+# off_delay_s = 0.0                 # or off_delay_count = 1
+off_delay_s = 1800                  # keep the level 30 min after the rain eases
+# latch = false
+# window = { start = "06-01", end = "10-31", utc_offset = "+08:00" }
+[rules.fault]
+interval_s = 60
+# stale_intervals = 3
+max_step = 20.0                     # more than 20 mm between two readings is a glitch
+# max_step_per_s = 60
+# min = 0.0
+# max = 429496729.6
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(PointConfig):
+    kind: ClassVar[str] = KIND
+    modulus: float | None = None
+    levels: tuple[LevelSpec, ...]
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], path: str) -> Config:
+        t = Table(raw, path)
+        args = parse_point(t)
+        modulus = t.number("modulus", None, positive=True)
+        levels = parse_levels(t, "levels", high=True, with_window=True)
+        t.finish()
+        return cls(**args, modulus=modulus, levels=levels)
+
+
+_COMPACT_AT = 512
+
+
+class AccumulationRule(PointRule):
+    def __init__(self, config: Config, point: int) -> None:
+        super().__init__(config, point)
+        self._modulus = config.modulus
+        self._specs = config.levels
+        self._windows_ms = {s.window_s: round(s.window_s * 1000) for s in config.levels}  # type: ignore[arg-type]
+        self._horizon_ms = max(self._windows_ms.values())
+        self._raw: float | None = None
+        self._total = 0.0
+        self._ts: list[int] = []  # reading times …
+        self._tot: list[float] = []  # … and the running total after each
+        self._lo = 0  # entries before _lo are older than every window needs
+        self._sums: dict[float, float] = {}
+        self.counter_events = {"wrap": 0, "reset": 0}
+
+    def _step(self, previous: float, value: float) -> float:
+        return self._increment(previous, value, count=False)
+
+    def _increment(self, previous: float, value: float, *, count: bool = True) -> float:
+        delta = value - previous
+        if delta >= 0:
+            return delta
+        if self._modulus is not None:
+            wrapped = delta + self._modulus
+            if 0 <= wrapped < self._modulus / 2:
+                if count:
+                    self.counter_events["wrap"] += 1
+                return wrapped
+        if count:
+            self.counter_events["reset"] += 1
+        return value  # restarted from zero: everything since the reset is new
+
+    def _record(self, ts_ms: int, value: float) -> None:
+        if self._raw is not None:
+            self._total += self._increment(self._raw, value)
+        self._raw = value
+        ts, tot = self._ts, self._tot
+        ts.append(ts_ms)
+        tot.append(self._total)
+        keep = bisect_right(ts, ts_ms - self._horizon_ms, self._lo) - 1
+        if keep > self._lo:
+            self._lo = keep
+            if keep > _COMPACT_AT and keep * 2 > len(ts):
+                del ts[:keep], tot[:keep]
+                self._lo = 0
+        lo = self._lo
+        for window_s, window_ms in self._windows_ms.items():
+            i = bisect_right(ts, ts_ms - window_ms, lo) - 1
+            self._sums[window_s] = self._total - tot[i if i >= lo else lo]
+
+    def window_total(self, window_s: float) -> float | None:
+        """The total over the last `window_s` seconds as of the latest reading (a configured window only)."""
+        return self._sums.get(window_s)
+
+    def _condition(self) -> int:
+        sums = self._sums
+        active = self.core.active
+        best = 0
+        for s in self._specs:
+            lv = s.level
+            if lv <= best:
+                continue
+            m = sums[s.window_s]  # type: ignore[index]
+            if m >= s.set or (lv <= active and m >= s.clear):
+                best = lv
+        return best
+
+    def _describe(self, level: Level) -> str:
+        parts = ", ".join(f"{_window_text(w)} {self._sums.get(w, 0.0):g}" for w in self._windows_ms)
+        text = f"{self.config.point} totals: {parts}"
+        trips = [s for s in self._specs if s.level == level and self._sums.get(s.window_s, 0.0) >= s.clear]  # type: ignore[arg-type]
+        if trips:
+            s = trips[0]
+            text += f" ({_window_text(s.window_s)} set ≥ {s.set:g}, clear ≥ {s.clear:g})"  # type: ignore[arg-type]
+        return text
+
+
+def _window_text(window_s: float) -> str:
+    if window_s % 3600 == 0:
+        return f"{window_s / 3600:g}h"
+    if window_s % 60 == 0:
+        return f"{window_s / 60:g}min"
+    return f"{window_s:g}s"

@@ -1,0 +1,271 @@
+"""The local alarm engine: every rule of a site, indexed by point, with restart-safe state.
+
+    reading ──► evaluate() ──► rules on that point ──► combinations that read them ──► [Transition]
+    now_ms  ──► tick()     ──► every rule (windows, staleness, time delays)       ──► [Transition]
+    operator ─► acknowledge()                                                     ──► [Transition]
+                  └── after any level change or acknowledgement: store.save(export_state())
+
+Synchronous and pure apart from the injected store. It never reads a clock: time comes from the reading
+or from the caller. It runs on every reading whatever the state of the uplink.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from ..model import Reading, Value
+from .combination import CombinationRule
+from .combination import Config as CombinationConfig
+from .common import CommonConfig, PointConfig
+from .errors import RuleConfigError, RuleStateError, UnknownRuleError
+from .levels import LEVEL_KINDS, LEVELS, AlarmState, Level, Transition, TransitionKind
+from .registry import kind_of, order_rules
+from .state import StateStore
+
+_log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_PERSISTED = LEVEL_KINDS | {TransitionKind.ACKNOWLEDGED}
+
+
+class Rule(Protocol):
+    """What the engine needs from a rule object (PointRule and CombinationRule provide it)."""
+
+    id: str
+    points: tuple[int, ...]
+
+    @property
+    def level(self) -> Level: ...
+
+    @property
+    def last_values(self) -> Mapping[int, Value]: ...
+
+    def tick(self, now_ms: int) -> list[Transition]: ...
+
+    def acknowledge(self, by: str, now_ms: int) -> list[Transition]: ...
+
+    def state(self) -> AlarmState: ...
+
+    def export(self) -> dict[str, Any]: ...
+
+
+class AlarmEngine:
+    """Evaluates a site's alarm rules. Not thread-safe: call it from one task."""
+
+    def __init__(
+        self,
+        rules: Iterable[CommonConfig],
+        resolve: Callable[[str], int],
+        *,
+        store: StateStore | None = None,
+    ) -> None:
+        """Build every rule. `resolve` maps a point name to its catalogue index (a dict's `__getitem__`
+        will do) and raises KeyError for an unknown name. With a `store`, saved state is restored now.
+
+        Raises RuleConfigError (naming the rule's field) for an unknown point, a duplicate id, a reference
+        to a missing rule or a dependency cycle; RuleStateError when the saved state is unreadable.
+        """
+        configs = tuple(rules)
+        self._rules: dict[str, Any] = {}
+        by_point: dict[int, list[Any]] = {}
+        combos: list[CombinationRule] = []
+        for config in order_rules(configs):
+            if isinstance(config, CombinationConfig):
+                members = [self._rules[m] for m in config.rules]
+                lift = self._rules[config.raise_rule] if config.raise_rule is not None else None
+                rule: Any = CombinationRule(config, members, lift)
+                combos.append(rule)
+            elif isinstance(config, PointConfig):
+                try:
+                    index = resolve(config.point)
+                except (KeyError, LookupError) as e:
+                    raise RuleConfigError(config.where("point"), f"unknown point {config.point!r}") from e
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    raise RuleConfigError(config.where("point"), f"resolver gave {index!r}, not a point index")
+                rule = kind_of(config).rule(config, index)
+                by_point.setdefault(index, []).append(rule)
+            else:
+                raise RuleConfigError(config.where(), f"{type(config).__name__} is not a rule config")
+            self._rules[config.id] = rule
+        # keep the configuration's order for snapshots and tick output
+        self._rules = {c.id: self._rules[c.id] for c in configs}
+        self._by_point: dict[int, tuple[Any, ...]] = {p: tuple(rs) for p, rs in by_point.items()}
+        self._combos: tuple[CombinationRule, ...] = tuple(combos)  # evaluation (dependency) order
+        self._dependents = self._transitive_dependents()
+        self._store = store
+        self._dirty = False
+        self.store_error: Exception | None = None  # the last failed save, until a save succeeds
+        if store is not None:
+            state = store.load()
+            if state:
+                self.restore_state(state)
+
+    # -- inputs ---------------------------------------------------------------------------------------
+
+    def evaluate(self, reading: Reading) -> list[Transition]:
+        """Evaluate one reading against every rule on its point (and the combinations reading those rules).
+
+        Returns the transitions in the order they happened; [] for a point no rule uses (one dict lookup).
+        """
+        rules = self._by_point.get(reading.point)
+        if rules is None:
+            return []
+        out: list[Transition] = []
+        for rule in rules:
+            produced = rule.evaluate(reading)
+            if produced:
+                out.extend(produced)
+        if out:
+            self._propagate(out, reading.ts_ms)
+        return out
+
+    def tick(self, now_ms: int) -> list[Transition]:
+        """Advance time to `now_ms`: close or open time windows, flag stale inputs, run out on/off delays,
+        and retry a failed state save. Call it regularly (e.g. every second)."""
+        out: list[Transition] = []
+        for rule in self._rules.values():
+            if rule.points:
+                out.extend(rule.tick(now_ms))
+        for combo in self._combos:
+            out.extend(combo.tick(now_ms))
+        self._persist(out)
+        return out
+
+    def acknowledge(self, rule_id: str, by: str, now_ms: int) -> list[Transition]:
+        """An operator acknowledges `rule_id`. Returns `acknowledged` (and the release of a latched level
+        whose condition has cleared), or [] when there is nothing to acknowledge. Raises UnknownRuleError
+        for an unknown rule and ValueError for an empty `by`."""
+        rule = self._rules.get(rule_id)
+        if rule is None:
+            raise UnknownRuleError(rule_id, list(self._rules))
+        if not isinstance(by, str) or not by.strip():
+            raise ValueError(f"acknowledging {rule_id!r}: `by` must name who acknowledges, got {by!r}")
+        out = rule.acknowledge(by, now_ms)
+        if out:
+            self._propagate(out, now_ms)
+        return out
+
+    # -- outputs --------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, AlarmState]:
+        """The current state of every alarm, by rule id, in configuration order."""
+        return {rule_id: rule.state() for rule_id, rule in self._rules.items()}
+
+    def level(self, rule_id: str) -> Level:
+        """The level `rule_id` shows now. Raises UnknownRuleError."""
+        rule = self._rules.get(rule_id)
+        if rule is None:
+            raise UnknownRuleError(rule_id, list(self._rules))
+        return rule.level
+
+    @property
+    def rule_ids(self) -> tuple[str, ...]:
+        return tuple(self._rules)
+
+    @property
+    def points(self) -> frozenset[int]:
+        """The catalogue indexes some rule reads."""
+        return frozenset(self._by_point)
+
+    # -- restart-safe state ---------------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """A small JSON-able dict of what must survive a restart: per rule the shown level, the confirmed
+        condition level, the acknowledgement and since when. Faults and partial delays are not kept."""
+        rules = {}
+        for rule_id, rule in self._rules.items():
+            entry = rule.export()
+            if entry["level"] or entry["active"]:
+                rules[rule_id] = entry
+        return {"version": STATE_VERSION, "rules": rules}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Take a dict from export_state(). Rules that no longer exist are skipped (with a log line);
+        rules missing from it start at NONE. Raises RuleStateError naming the bad key."""
+        if state.get("version") != STATE_VERSION:
+            raise RuleStateError("state.version", f"expected {STATE_VERSION}, got {state.get('version')!r}")
+        entries = state.get("rules")
+        if not isinstance(entries, Mapping):
+            raise RuleStateError("state.rules", "expected an object of rule id → state")
+        parsed = {}
+        for rule_id, entry in entries.items():
+            where = f"state.rules[{rule_id!r}]"
+            if not isinstance(entry, Mapping):
+                raise RuleStateError(where, "expected an object")
+            level = _level(entry.get("level"), f"{where}.level")
+            active = _level(entry.get("active", entry.get("level")), f"{where}.active")
+            acked = entry.get("acked", False)
+            since = entry.get("since_ms")
+            if not isinstance(acked, bool):
+                raise RuleStateError(f"{where}.acked", f"expected true or false, got {acked!r}")
+            if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
+                raise RuleStateError(f"{where}.since_ms", f"expected epoch ms or null, got {since!r}")
+            parsed[rule_id] = (level, active, acked, since)
+        for rule_id, (level, active, acked, since) in parsed.items():
+            rule = self._rules.get(rule_id)
+            if rule is None:
+                _log.warning("saved alarm state for rule %r ignored: no such rule in the configuration", rule_id)
+                continue
+            rule.core.restore(level, active, acked, since)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _propagate(self, out: list[Transition], now_ms: int) -> None:
+        if self._combos:
+            changed = {t.rule for t in out if t.kind in LEVEL_KINDS}
+            if changed:
+                due: set[str] = set()
+                for rule_id in changed:
+                    due.update(self._dependents.get(rule_id, ()))
+                if due:
+                    for combo in self._combos:
+                        if combo.id in due:
+                            out.extend(combo.update(now_ms))
+        self._persist(out)
+
+    def _persist(self, out: list[Transition]) -> None:
+        if self._store is None:
+            return
+        if not self._dirty:
+            for t in out:
+                if t.kind in _PERSISTED:
+                    self._dirty = True
+                    break
+        if not self._dirty:
+            return
+        try:
+            self._store.save(self.export_state())
+        except (OSError, RuleStateError) as e:
+            # Never lose the transitions over a failed save: report, keep them, retry on the next tick.
+            if self.store_error is None:
+                _log.error("saving alarm state failed (will retry): %s", e)
+            self.store_error = e
+            return
+        self._dirty = False
+        self.store_error = None
+
+    def _transitive_dependents(self) -> dict[str, frozenset[str]]:
+        direct: dict[str, set[str]] = {}
+        for combo in self._combos:
+            for dep in combo.depends:
+                direct.setdefault(dep, set()).add(combo.id)
+        closure: dict[str, frozenset[str]] = {}
+        for rule_id in self._rules:
+            seen: set[str] = set()
+            stack = list(direct.get(rule_id, ()))
+            while stack:
+                c = stack.pop()
+                if c not in seen:
+                    seen.add(c)
+                    stack.extend(direct.get(c, ()))
+            if seen:
+                closure[rule_id] = frozenset(seen)
+        return closure
+
+
+def _level(value: object, where: str) -> Level:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4:
+        raise RuleStateError(where, f"expected a level 0–4, got {value!r}")
+    return LEVELS[value]

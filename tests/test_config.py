@@ -1,0 +1,140 @@
+"""Site configuration: a valid file loads; each broken one fails with an error naming file, line and key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load, parse
+
+ROOT = Path(__file__).parent.parent
+
+GOOD = """\
+[site]
+id = "KM-RES-01"
+gateway = "gw1"
+
+[uplink]
+host = "127.0.0.1"
+tls = false
+
+[[buses]]
+name = "a"
+type = "rtu"
+port = "/dev/ttyUSB0"
+baudrate = 9600
+
+[[buses]]
+name = "plc"
+type = "tcp"
+host = "192.0.2.10"
+
+[[devices]]
+name = "radar"
+bus = "a"
+unit = 1
+interval_s = 60
+  [[devices.points]]
+  name = "gap"
+  address = 1
+  unit = "mm"
+
+[[devices]]
+name = "midas"
+bus = "plc"
+unit = 1
+interval_s = 1
+  [[devices.points]]
+  name = "conc"
+  address = 2
+  type = "float32"
+  word_order = "little"
+"""
+
+
+def test_good_config_loads() -> None:
+    cfg = parse(GOOD, "site.toml")
+    assert cfg.site.id == "KM-RES-01"
+    assert [d.name for d in cfg.devices] == ["radar", "midas"]
+    assert [(p.device, p.name) for p in cfg.catalogue] == [("radar", "gap"), ("midas", "conc")]
+    assert cfg.uplink.client_id == "yujing-KM-RES-01-gw1"
+    assert cfg.buses[0].settings.baudrate == 9600  # type: ignore[union-attr]
+
+
+BROKEN = [
+    # (what the test changes, replacement, expected line, expected message fragment)
+    ("unknown key", ('unit = "mm"', 'unit = "mm"\n  colour = "red"'), 29, "devices[0].points[0].colour: unknown key"),
+    ("wrong type", ("interval_s = 60", 'interval_s = "60"'), 24, "devices[0].interval_s: expected an integer or a number, got string"),
+    ("poll interval 0", ("interval_s = 60", "interval_s = 0"), 24, "devices[0].interval_s: invalid value 0: must be more than 0 seconds"),
+    ("same unit twice on a bus", ('name = "midas"\nbus = "plc"', 'name = "midas"\nbus = "a"'), 33, "devices[1].unit: unit 1 on bus 'a' is already used by 'radar'"),
+    ("two baud rates on one port", ('name = "plc"\ntype = "tcp"\nhost = "192.0.2.10"', 'name = "b"\ntype = "rtu"\nport = "/dev/ttyUSB0"\nbaudrate = 4800'), 19, "buses[1].baudrate: port /dev/ttyUSB0 is also bus 'a' at baudrate 9600, here 4800"),
+    ("overlap that disagrees", ('  unit = "mm"', '  unit = "mm"\n  [[devices.points]]\n  name = "gap32"\n  address = 0\n  type = "int32"'), 31, "devices[0].points[1].address: gap32 (int32 at 0..1) overlaps gap (uint16 at 1..1)"),
+    ("unknown bus", ('bus = "plc"', 'bus = "plx"'), 32, "devices[1].bus: no bus named 'plx' (buses: a, plc)"),
+    ("bad data type", ('type = "float32"', 'type = "float31"'), 38, "devices[1].points[0].type: invalid value 'float31'"),
+    ("bool on a register", ('type = "float32"', 'type = "bool"'), 38, "bool is for coils and discrete inputs"),
+    ("bit without bit", ('type = "float32"', 'type = "bit"'), None, 'type "bit" needs bit = 0..15'),
+    ("bad word order", ('word_order = "little"', 'word_order = "CDAB"'), 39, "devices[1].points[0].word_order: invalid value 'CDAB'"),
+    ("unit out of range", ("unit = 1\ninterval_s = 1", "unit = 300\ninterval_s = 1"), 33, "devices[1].unit: invalid value 300: 0..247"),
+    ("address out of range", ("address = 2", "address = 70000"), 37, "devices[1].points[0].address: invalid value 70000"),
+    ("too many registers per request", ("interval_s = 1\n", "interval_s = 1\nmax_registers = 200\n"), 35, "devices[1].max_registers: invalid value 200: 1..125"),
+    ("inline password", ("tls = false", 'tls = false\npassword = "hunter2"'), 8, "uplink.password: secrets are not written inline"),
+    ("plaintext to a remote broker", ('host = "127.0.0.1"', 'host = "broker.example.cn"'), 7, "uplink.tls: TLS is off for broker.example.cn"),
+    ("missing site id", ('id = "KM-RES-01"\n', ""), 1, "site.id: missing (required)"),
+    ("MQTT wildcard in an id", ('gateway = "gw1"', 'gateway = "gw/1"'), 3, "site.gateway: invalid value 'gw/1'"),
+    ("duplicate point", ('word_order = "little"', 'word_order = "little"\n  [[devices.points]]\n  name = "conc"\n  address = 9'), 41, "devices[1].points[1].name: point 'conc' is already defined at points[0]"),
+    ("syntax error", ("interval_s = 60", "interval_s = = 60"), 24, "(syntax)"),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "line", "fragment"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_config_names_the_fault(what: str, change: tuple[str, str], line: int | None, fragment: str) -> None:
+    old, new = change
+    assert old in GOOD, f"test setup: {old!r} not in GOOD"
+    text = GOOD.replace(old, new, 1)
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml")
+    messages = info.value.lines()
+    hit = [m for m in messages if fragment in m]
+    assert hit, f"{what}: expected {fragment!r} in {messages}"
+    assert hit[0].startswith("site.toml:")
+    if line is not None:
+        assert hit[0].startswith(f"site.toml:{line}: "), hit[0]
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    text = GOOD.replace("interval_s = 60", "interval_s = 0").replace('word_order = "little"', 'word_order = "x"')
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml")
+    assert len(info.value.problems) == 2
+
+
+def test_password_file_must_be_private(tmp_path: Path) -> None:
+    secret = tmp_path / "gw.pass"
+    secret.write_text("s3cret\n")
+    os.chmod(secret, 0o644)
+    site = tmp_path / "site.toml"
+    site.write_text(GOOD.replace("tls = false", 'tls = false\nusername = "gw1"\npassword_file = "gw.pass"'))
+    with pytest.raises(ConfigError, match=r"gw.pass is readable by others \(mode 0644\); run: chmod 600"):
+        load(site)
+    os.chmod(secret, 0o600)
+    cfg = load(site)
+    assert cfg.uplink.password_file == secret
+    assert "s3cret" not in repr(cfg)
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope.toml: \(file\): cannot read"):
+        load(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_examples_load(example: Path) -> None:
+    cfg = load(example)
+    assert cfg.devices and cfg.catalogue
+
+
+def test_examples_exist() -> None:
+    names = {p.stem for p in (ROOT / "examples").glob("*.toml")}
+    assert {"reservoir", "slope", "chemical-park"} <= names
