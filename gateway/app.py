@@ -52,8 +52,9 @@ class Gateway:
     def _sink(self, readings: list[Reading]) -> None:
         self.readings += len(readings)
         # Alarm rules run here, before the spool, so a full disk cannot delay a siren (issue 3).
+        if self.spool is None:  # not started yet
+            return
         try:
-            assert self.spool is not None
             self.spool.append(self.session, readings)
         except SpoolError as exc:
             self.spool_errors += 1

@@ -1,0 +1,100 @@
+"""Shared pieces for end-to-end tests: run a gateway in-process, collect what reaches the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from gateway.app import Gateway
+from gateway.config import Config, parse
+from gateway.consumer import Decoder
+
+
+def site(broker_port: int, tmp: Path, body: str, *, uplink_extra: str = "") -> Config:
+    text = f"""
+[site]
+id = "TEST-01"
+gateway = "gw1"
+
+[uplink]
+host = "127.0.0.1"
+port = {broker_port}
+tls = false
+batch_delay_s = 0.05
+backoff_min_s = 0.1
+backoff_max_s = 0.5
+{uplink_extra}
+
+[spool]
+path = "{tmp / 'spool.db'}"
+
+{body}
+"""
+    return parse(text, str(tmp / "site.toml"), base=tmp)
+
+
+@dataclass
+class Collector:
+    """A subscriber on the real broker that keeps raw payloads and decoded records."""
+
+    port: int
+    topic: str = "yujing/v1/#"
+    payloads: list[tuple[str, bytes]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    decoder: Decoder = field(default_factory=Decoder)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"collector-{id(self)}") as client:
+            await client.subscribe(self.topic, qos=1)
+            self.ready.set()
+            async for m in client.messages:
+                payload = bytes(m.payload)
+                self.payloads.append((str(m.topic), payload))
+                res = self.decoder.feed(str(m.topic), payload)
+                self.records.extend(res.records)
+                self.notices.extend(res.notices)
+
+    def latest(self, device: str, point: str) -> dict[str, Any] | None:
+        for rec in reversed(self.records):
+            if rec["device"] == device and rec["point"] == point:
+                return rec
+        return None
+
+    async def wait_for(self, predicate: Callable[["Collector"], bool], timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate(self):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out; last records: {self.records[-5:]}, notices: {self.notices[-5:]}")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def collecting(port: int, topic: str = "yujing/v1/#") -> AsyncIterator[Collector]:
+    c = Collector(port, topic)
+    task = asyncio.create_task(c.run())
+    await asyncio.wait_for(c.ready.wait(), 5)
+    try:
+        yield c
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def running(gateway: Gateway) -> AsyncIterator[Gateway]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        yield gateway
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
