@@ -151,3 +151,58 @@ def test_duplicate_and_out_of_order_readings_are_ignored():
     assert site.read("radar.ZU", T0 - MIN, 1953.60) == []
     assert site.level("res.zu") == Level.NONE
     assert brief(site.read("radar.ZU", T0 + MIN, 1953.60)) == [("raised", "res.zu", "III_YELLOW")]
+
+
+# KM-CHEM-01 H₂S detector (generic module map): status word bits read as their own points.
+H2S = """
+[[rules]]
+kind = "threshold"
+id = "chem.h2s"
+point = "h2s.conc"
+levels = [ { level = "III_YELLOW", set = 7.0, clear = 6.0 }, { level = "II_ORANGE", set = 14.0, clear = 13.0 } ]
+[rules.fault]
+flags = ["h2s.sensor_lost"]
+valid = ["h2s.status_valid"]
+"""
+
+
+def h2s_poll(site: Site, ts: int, conc, *, lost: bool = False, valid: bool = True) -> list:
+    # the status word comes first in register order, so the poll delivers it first
+    return (
+        site.read("h2s.status_valid", ts, valid)
+        + site.read("h2s.sensor_lost", ts, lost)
+        + site.read("h2s.conc", ts, conc)
+    )
+
+
+def test_sensor_lost_flag_is_a_fault_not_0_ppm():
+    site = Site(H2S)
+    assert brief(h2s_poll(site, T0, 15)) == [("raised", "chem.h2s", "II_ORANGE")]
+    out = h2s_poll(site, T0 + SEC, 0, lost=True)  # 80 20 00 00: sensor lost, "0 ppm"
+    assert brief(out) == [("fault", "chem.h2s", "II_ORANGE")]
+    assert "sensor_lost" in out[0].message
+    assert site.level("chem.h2s") == Level.II_ORANGE  # never cleared by a dead sensor
+    assert h2s_poll(site, T0 + 2 * SEC, 0, lost=True) == []
+    out = h2s_poll(site, T0 + 3 * SEC, 0)
+    assert brief(out) == [("fault_cleared", "chem.h2s", "II_ORANGE"), ("cleared", "chem.h2s", "NONE")]
+
+
+def test_status_word_not_valid_and_bad_status_reads_are_faults():
+    site = Site(H2S)
+    h2s_poll(site, T0, 9)
+    out = h2s_poll(site, T0 + SEC, 0, valid=False)
+    assert brief(out) == [("fault", "chem.h2s", "III_YELLOW")] and "status_valid false" in out[0].message
+    h2s_poll(site, T0 + 2 * SEC, 9)
+    assert not site.state("chem.h2s").fault
+    out = site.read("h2s.sensor_lost", T0 + 3 * SEC, None, Quality.FRAMING)
+    assert brief(out) == [("fault", "chem.h2s", "III_YELLOW")]
+    # the value's own fault and the status fault are separate: both must clear
+    site.read("h2s.conc", T0 + 3 * SEC, None, Quality.FRAMING)
+    assert site.read("h2s.sensor_lost", T0 + 4 * SEC, False) == []  # the value is still bad
+    out = site.read("h2s.conc", T0 + 4 * SEC, 9)
+    assert brief(out) == [("fault_cleared", "chem.h2s", "III_YELLOW")]
+
+
+def test_status_points_are_indexed_and_validated():
+    site = Site(H2S, points=["other"])
+    assert site.engine.points == {site.index["h2s.conc"], site.index["h2s.sensor_lost"], site.index["h2s.status_valid"]}

@@ -32,13 +32,9 @@ class Site:
     def __init__(self, toml_text: str, *, store=None, points: Sequence[str] = ()) -> None:
         raw = tomllib.loads(toml_text)
         self.configs = parse_rules(raw["rules"])
-        names = list(points)
-        for c in self.configs:
-            point = getattr(c, "point", None)
-            if point is not None and point not in names:
-                names.append(point)
-        self.index = {name: i for i, name in enumerate(names)}
-        self.engine = AlarmEngine(self.configs, self.index.__getitem__, store=store)
+        self.index = {name: i for i, name in enumerate(points)}
+        # the catalogue: names get indexes in the order the engine asks for them
+        self.engine = AlarmEngine(self.configs, lambda name: self.index.setdefault(name, len(self.index)), store=store)
 
     def read(self, point: str, ts_ms: int, value, quality: int = Quality.GOOD) -> list[Transition]:
         return self.engine.evaluate(Reading(self.index[point], ts_ms, value, quality))

@@ -87,3 +87,13 @@ def test_utc_offset_decides_the_local_date(offset, inside):
     # 2025-06-01 04:00 in Kunming = 2025-05-31 20:00 UTC
     out = site.read("radar.ZU", local_ms(2025, 6, 1, 4, 0), 1953.60)
     assert (len(out) == 1) is inside
+
+
+def test_a_latched_alarm_outlives_its_window_until_acknowledged():
+    site = Site(FLOOD.replace('utc_offset = "+08:00" }', 'utc_offset = "+08:00" }\nlatch = true', 1))
+    site.read("radar.ZU", local_ms(2025, 10, 31, 12, 0), 1953.60)
+    assert site.engine.tick(local_ms(2025, 11, 1, 0, 0)) == []  # the condition ended with the season …
+    state = site.state("res.zu.flood_season")
+    assert (state.level, state.condition, state.latched) == (Level.III_YELLOW, Level.NONE, True)
+    out = site.engine.acknowledge("res.zu.flood_season", "op", local_ms(2025, 11, 1, 8, 0))
+    assert brief(out)[-1] == ("cleared", "res.zu.flood_season", "NONE")  # … the latch needs a person

@@ -6,13 +6,14 @@ The counter is unwrapped into a running total. When a reading is lower than the 
   new reading is the amount since the reset.
 The window sums are exact at reading times: total now − total at the newest reading at or before
 now − window (the oldest reading while fewer than window seconds have been seen, a lower bound).
+Totals move at reading times only: a counter that stops reporting is a `stale` fault, not a dry spell.
 A `fault.max_step` on this kind limits the *increment* between readings, not the raw counter change.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +50,8 @@ max_step = 20.0                     # more than 20 mm between two readings is a 
 # max_step_per_s = 60
 # min = 0.0
 # max = 429496729.6
+# flags = []                        # status points: fault while true
+# valid = []                        # status points: fault while false
 """
 
 
@@ -60,8 +63,9 @@ class Config(PointConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], path: str) -> Config:
+        """Build the typed config from one rule table; raises RuleConfigError naming the bad field."""
         t = Table(raw, path)
-        args = parse_point(t)
+        args = parse_point(t, KIND)
         modulus = t.number("modulus", None, positive=True)
         levels = parse_levels(t, "levels", high=True, with_window=True)
         t.finish()
@@ -72,8 +76,8 @@ _COMPACT_AT = 512
 
 
 class AccumulationRule(PointRule):
-    def __init__(self, config: Config, point: int) -> None:
-        super().__init__(config, point)
+    def __init__(self, config: Config, resolve: Callable[[str], int]) -> None:
+        super().__init__(config, resolve)
         self._modulus = config.modulus
         self._specs = config.levels
         self._windows_ms = {s.window_s: round(s.window_s * 1000) for s in config.levels}  # type: ignore[arg-type]

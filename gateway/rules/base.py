@@ -1,22 +1,27 @@
 """What every rule on one catalogue point does before its kind's arithmetic: drop duplicate and
-out-of-order readings, turn bad quality, non-numbers, implausible values and silence into a fault, and
-honour the rule's time window. A kind subclasses `PointRule` and implements `_record`, `_condition` and
-`_describe`.
+out-of-order readings, turn bad quality, non-numbers, implausible values, silence and a device's own
+status flags into a fault, and honour the rule's time window. A kind subclasses `PointRule` and
+implements `_record`, `_condition` and `_describe`.
+
+Fault sources are tracked separately ("input" for the rule's own point, plus one per status point); the
+rule is in fault while any source is, and `fault_cleared` comes when the last one clears.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
 from ..model import Quality, Reading, Value, quality_name
 from .common import PointConfig, WindowGate
 from .core import AlarmCore
+from .errors import RuleConfigError
 from .levels import AlarmState, Level, Transition
 
 _EMPTY: Mapping[int, Value] = {}
+OWN_INPUT = -1  # fault-source key of the rule's own point (status points use their index)
 
 
 def as_number(value: Value) -> float | None:
@@ -32,17 +37,38 @@ def as_number(value: Value) -> float | None:
     return None
 
 
+def resolve_point(resolve: Callable[[str], int], name: str, where: str) -> int:
+    """`resolve(name)` as a checked catalogue index; RuleConfigError naming `where` if it is unknown."""
+    try:
+        index = resolve(name)
+    except LookupError as e:
+        raise RuleConfigError(where, f"unknown point {name!r}") from e
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise RuleConfigError(where, f"the point resolver gave {index!r} for {name!r}, not a catalogue index")
+    return index
+
+
 class PointRule:
     """Base of the rules that watch one point. Synchronous and pure; time comes from the caller."""
 
     # set by a kind that may evaluate OUT_OF_RANGE readings that raise (see threshold.Config.out_of_range)
     _raise_only_out_of_range = False
 
-    def __init__(self, config: PointConfig, point: int) -> None:
+    def __init__(self, config: PointConfig, resolve: Callable[[str], int]) -> None:
         self.config = config
         self.id = config.id
-        self.point = point
-        self.points: tuple[int, ...] = (point,)
+        fault = config.fault
+        self.point = resolve_point(resolve, config.point, config.where("point"))
+        # status point index → True for a `flags` point (fault while true), False for `valid`
+        self._status: dict[int, bool] = {}
+        for key, is_flag in (("flags", True), ("valid", False)):
+            for i, name in enumerate(getattr(fault, key)):
+                index = resolve_point(resolve, name, config.where(f"fault.{key}[{i}]"))
+                if index == self.point or index in self._status:
+                    raise RuleConfigError(config.where(f"fault.{key}[{i}]"), f"{name!r} is already an input of this rule")
+                self._status[index] = is_flag
+        self._status_names = {idx: name for idx, name in zip(self._status, (*fault.flags, *fault.valid))}
+        self.points: tuple[int, ...] = (self.point, *self._status)
         self.depends: tuple[str, ...] = ()
         self.core = AlarmCore(
             config.id,
@@ -54,14 +80,15 @@ class PointRule:
         )
         self._gate = WindowGate(config.window) if config.window is not None else None
         self._in_window = True
-        fault = config.fault
         self._stale_ms = fault.stale_after_ms
         self._max_step = fault.max_step
         self._max_step_per_ms = fault.max_step_per_s * 1000 if fault.max_step_per_s else None
         self._min = fault.min
         self._max = fault.max
+        self._faults: dict[int, str] = {}  # fault source → reason
         self._t0: int | None = None  # first time this rule saw (for staleness of a point never read)
-        self._last_seen: int | None = None  # latest reading of any quality
+        self._last_seen: int | None = None  # latest reading of the rule's point, any quality
+        self._status_seen: dict[int, int] = {}
         self._accepted_ts: int | None = None
         self._accepted: float | None = None
         self.last_values: Mapping[int, Value] = _EMPTY
@@ -70,14 +97,19 @@ class PointRule:
 
     @property
     def level(self) -> Level:
+        """The level the alarm shows."""
         return self.core.level
 
     def evaluate(self, reading: Reading) -> list[Transition]:
-        """Evaluate one reading of this rule's point and return the transitions it causes.
+        """Evaluate one reading of this rule's point (or of one of its status points) and return the
+        transitions it causes.
 
-        A reading no newer than the last one is ignored. A bad one (quality, not a number, out of the
-        plausible range, an implausible step) raises a fault and keeps the level; the next good one clears it.
+        A reading no newer than the last one of its point is ignored. A bad one (quality, not a number,
+        out of the plausible range, an implausible step) raises a fault and keeps the level; the next
+        good one clears it. While a status point reports a fault, readings of the value are not used.
         """
+        if reading.point != self.point:
+            return self._evaluate_status(reading)
         ts = reading.ts_ms
         if self._last_seen is not None and ts <= self._last_seen:
             return []
@@ -85,17 +117,16 @@ class PointRule:
         if self._t0 is None:
             self._t0 = ts
         values = {self.point: reading.value}
-        core = self.core
         quality = reading.quality
         if quality != Quality.GOOD:
-            if quality == Quality.OUT_OF_RANGE and self._raise_only_out_of_range:
+            if quality == Quality.OUT_OF_RANGE and self._raise_only_out_of_range and not self._status_faulted():
                 return self._evaluate_out_of_range(ts, reading.value, values)
-            return core.set_fault(f"bad quality: {quality_name(quality)}", ts, values)
+            return self._fault_on(OWN_INPUT, f"bad quality: {quality_name(quality)}", ts, values)
         x = as_number(reading.value)
         if x is None:
-            return core.set_fault(f"value {reading.value!r} is not a finite number", ts, values)
+            return self._fault_on(OWN_INPUT, f"value {reading.value!r} is not a finite number", ts, values)
         if (self._min is not None and x < self._min) or (self._max is not None and x > self._max):
-            return core.set_fault(f"value {x:g} outside the plausible range {self._range_text()}", ts, values)
+            return self._fault_on(OWN_INPUT, f"value {x:g} outside the plausible range {self._range_text()}", ts, values)
         if self._max_step is not None and self._accepted is not None:
             step = self._step(self._accepted, x)
             allowed = self._max_step
@@ -103,14 +134,16 @@ class PointRule:
             if self._max_step_per_ms is not None and dt_ms > self._max_step_per_ms:
                 allowed *= dt_ms / self._max_step_per_ms
             if abs(step) > allowed:
-                return core.set_fault(
-                    f"implausible step {step:+g} in {dt_ms / 1000:g} s (allowed ±{allowed:g})", ts, values
-                )
+                reason = f"implausible step {step:+g} in {dt_ms / 1000:g} s (allowed ±{allowed:g})"
+                return self._fault_on(OWN_INPUT, reason, ts, values)
+        out = self._fault_off(OWN_INPUT, ts, values) if self._faults else []
+        if self._faults:
+            return out  # a status point still says the value cannot be trusted
         self._accepted_ts = ts
         self._accepted = x
         self.last_values = values
-        out = core.clear_fault(ts, values) if core.fault_reason is not None else []
         self._record(ts, x)
+        core = self.core
         if self._gate is not None:
             self._in_window = self._gate.contains(ts)
             if not self._in_window:
@@ -132,16 +165,13 @@ class PointRule:
             self._in_window = self._gate.contains(now_ms)
             if not self._in_window:
                 out += core.force_clear(now_ms, values, "outside its time window")
-        if self._stale_ms is not None and core.fault_reason is None:
+        if self._stale_ms is not None and OWN_INPUT not in self._faults:
             ref = self._last_seen if self._last_seen is not None else self._t0
             if now_ms - ref > self._stale_ms:
                 interval = self.config.fault.interval_s
-                out += core.set_fault(
-                    f"stale: no reading for {(now_ms - ref) / 1000:g} s (expected every {interval:g} s)",
-                    now_ms,
-                    values,
-                )
-        if core.fault_reason is None and self._in_window:
+                reason = f"stale: no reading for {(now_ms - ref) / 1000:g} s (expected every {interval:g} s)"
+                out += self._fault_on(OWN_INPUT, reason, now_ms, values)
+        if not self._faults and self._in_window:
             out += core.settle(now_ms, values, self._describe)
         return out
 
@@ -166,7 +196,43 @@ class PointRule:
         )
 
     def export(self) -> dict[str, Any]:
+        """The JSON-able state that must survive a restart."""
         return self.core.export()
+
+    # -- faults ---------------------------------------------------------------------------------------
+
+    def _fault_on(self, source: int, reason: str, ts: int, values: Mapping[int, Value]) -> list[Transition]:
+        self._faults.setdefault(source, reason)
+        return self.core.set_fault(reason, ts, values)  # reports only the first source; forgets delays
+
+    def _fault_off(self, source: int, ts: int, values: Mapping[int, Value]) -> list[Transition]:
+        if self._faults.pop(source, None) is None or self._faults:
+            return []
+        return self.core.clear_fault(ts, values)
+
+    def _status_faulted(self) -> bool:
+        return any(source != OWN_INPUT for source in self._faults)
+
+    def _evaluate_status(self, reading: Reading) -> list[Transition]:
+        index = reading.point
+        ts = reading.ts_ms
+        last = self._status_seen.get(index)
+        if last is not None and ts <= last:
+            return []
+        self._status_seen[index] = ts
+        values = {index: reading.value}
+        name = self._status_names[index]
+        if reading.quality != Quality.GOOD:
+            return self._fault_on(index, f"status point {name}: bad quality: {quality_name(reading.quality)}", ts, values)
+        value = reading.value
+        if value is None:
+            return self._fault_on(index, f"status point {name} has no value", ts, values)
+        if self._status[index]:
+            if value:
+                return self._fault_on(index, f"device reports {name}", ts, values)
+        elif not value:
+            return self._fault_on(index, f"device reports {name} false", ts, values)
+        return self._fault_off(index, ts, values)
 
     # -- hooks for kinds ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from ..model import Value
+from ..model import Reading, Value
 from ._parse import Table
 from .common import CommonConfig, WindowGate, parse_common
 from .core import AlarmCore
@@ -76,8 +76,9 @@ class Config(CommonConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], path: str) -> Config:
+        """Build the typed config from one rule table; raises RuleConfigError naming the bad field."""
         t = Table(raw, path)
-        args = parse_common(t, counts=False)
+        args = parse_common(t, KIND, counts=False)
         mode = t.string("mode", choices=("any", "all", "at_least"))
         rules = t.strings("rules")
         if not rules:
@@ -116,6 +117,8 @@ class Member(Protocol):
 
 
 class CombinationRule:
+    """Derives a level from other rules' levels; the engine calls `update` when a member changes."""
+
     def __init__(self, config: Config, members: Sequence[Member], raise_rule: Member | None = None) -> None:
         self.config = config
         self.id = config.id
@@ -135,10 +138,12 @@ class CombinationRule:
 
     @property
     def level(self) -> Level:
+        """The level the alarm shows."""
         return self.core.level
 
     @property
     def last_values(self) -> Mapping[int, Value]:
+        """The members' latest values, point index → value (the "triggering values" of a transition)."""
         merged: dict[int, Value] = {}
         for m in self._members:
             merged.update(m.last_values)
@@ -166,6 +171,10 @@ class CombinationRule:
                 cond = min(self._raise.level + 1, 4)
         return core.observe(cond, now_ms, self.last_values, self._describe)
 
+    def evaluate(self, reading: Reading) -> list[Transition]:
+        """A combination reads no point: always []. Its members' changes reach it through `update`."""
+        return []
+
     def tick(self, now_ms: int) -> list[Transition]:
         """Advance time: the window and time-based delays (members are re-read as well)."""
         return self.update(now_ms)
@@ -175,6 +184,7 @@ class CombinationRule:
         return self.core.acknowledge(by, now_ms, self.last_values)
 
     def state(self) -> AlarmState:
+        """The alarm's current state (a combination never has a fault of its own)."""
         core = self.core
         return AlarmState(
             rule=self.id, level=core.level, condition=core.active, latched=core.latched, acked=core.acked,
@@ -182,6 +192,7 @@ class CombinationRule:
         )
 
     def export(self) -> dict[str, Any]:
+        """The JSON-able state that must survive a restart."""
         return self.core.export()
 
     def _describe(self, level: Level) -> str:

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._parse import Table
-from .errors import RuleConfigError
 from .levels import Level
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as gateway.config.ID_RE: safe in MQTT topics
 _MONTH_DAY = re.compile(r"^(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2}))?$")
 _OFFSET = re.compile(r"^([+-])(\d{2}):(\d{2})$")
 _DAY_MS = 86_400_000
@@ -45,6 +44,7 @@ class WindowConfig:
         return self.contains_local(date.month, date.day, (local_ms % _DAY_MS) // 60_000)
 
     def contains_local(self, month: int, day: int, minute: int) -> bool:
+        """Whether a local date and minute of the day fall inside the window."""
         t = (month, day, minute)
         if self.start <= self.end:
             return self.start <= t < self.end
@@ -63,6 +63,7 @@ class WindowGate:
         self._month_day = (0, 0)
 
     def contains(self, ts_ms: int) -> bool:
+        """Same answer as WindowConfig.contains, cheaper for readings that arrive in time order."""
         local_ms = ts_ms + self._offset_ms
         day = local_ms // _DAY_MS
         if day != self._day:
@@ -91,6 +92,7 @@ def _parse_month_day(t: Table, key: str, *, end: bool) -> tuple[int, int, int]:
 
 
 def parse_window(t: Table) -> WindowConfig:
+    """A `window = { start, end, utc_offset }` table."""
     start = _parse_month_day(t, "start", end=False)
     end = _parse_month_day(t, "end", end=True)
     offset_text = t.string("utc_offset")
@@ -117,6 +119,9 @@ class FaultConfig:
     - `max_step` (and `max_step_per_s`): a reading further than max_step from the last accepted one
       (allowance scaled up by elapsed/max_step_per_s when that is > 1) is rejected → fault `implausible step`.
     - `min` / `max`: plausible range of the value itself (e.g. a piezometer's 0 … full scale).
+    - `flags` / `valid`: status points of the same device. The rule is in fault while any `flags` point
+      reads true (e.g. `sensor_lost`) or any `valid` point reads false (e.g. `status_valid`), or while
+      such a point's own reading is bad; the rule's value is not trusted meanwhile.
     """
 
     interval_s: float | None = None
@@ -125,15 +130,19 @@ class FaultConfig:
     max_step_per_s: float | None = None
     min: float | None = None
     max: float | None = None
+    flags: tuple[str, ...] = ()
+    valid: tuple[str, ...] = ()
 
     @property
     def stale_after_ms(self) -> int | None:
+        """How long without a reading makes the input stale, or None when not checked."""
         if self.interval_s is None:
             return None
         return round(self.interval_s * self.stale_intervals * 1000)
 
 
 def parse_fault(t: Table | None) -> FaultConfig:
+    """A `[rules.fault]` table (absent: no fault checks beyond quality and non-numbers)."""
     if t is None:
         return FaultConfig()
     interval_s = t.number("interval_s", None, positive=True)
@@ -142,7 +151,15 @@ def parse_fault(t: Table | None) -> FaultConfig:
     max_step_per_s = t.number("max_step_per_s", None, positive=True)
     lo = t.number("min", None)
     hi = t.number("max", None)
+    flags = t.strings("flags", ())
+    valid = t.strings("valid", ())
     t.finish()
+    seen: set[str] = set()
+    for key, names in (("flags", flags), ("valid", valid)):
+        for i, name in enumerate(names):
+            if name in seen:
+                raise t.error(f"{key}[{i}]", f"{name!r} is listed twice")
+            seen.add(name)
     if max_step_per_s is not None and max_step is None:
         raise t.error("max_step_per_s", "needs max_step")
     if t.has("stale_intervals") and interval_s is None:
@@ -156,6 +173,8 @@ def parse_fault(t: Table | None) -> FaultConfig:
         max_step_per_s=max_step_per_s,
         min=lo,
         max=hi,
+        flags=flags,
+        valid=valid,
     )
 
 
@@ -177,6 +196,7 @@ class CommonConfig:
     path: str = field(default="", compare=False, repr=False)  # where it was read from, for error messages
 
     def where(self, key: str = "") -> str:
+        """The config path of `key` in this rule (e.g. `rules[3].point`), for error messages."""
         base = self.path or f"rule {self.id!r}"
         return f"{base}.{key}" if key else base
 
@@ -189,12 +209,13 @@ class PointConfig(CommonConfig):
     fault: FaultConfig = FaultConfig()
 
 
-def parse_common(t: Table, *, counts: bool = True) -> dict[str, Any]:
-    """The shared keys of a rule table as keyword arguments for a Config."""
-    t.string("kind")  # the registry has already checked it
+def parse_common(t: Table, kind: str, *, counts: bool = True) -> dict[str, Any]:
+    """The shared keys of a rule table as keyword arguments for a Config of `kind`."""
+    if t.string("kind") != kind:
+        raise t.error("kind", f"expected {kind!r} for this Config, got {t.raw['kind']!r}")
     rule_id = t.string("id")
     if not _ID.match(rule_id):
-        raise t.error("id", f"{rule_id!r} must be 1–64 characters of letters, digits and _ . : -")
+        raise t.error("id", f"{rule_id!r} must be 1–64 letters, digits, _ . or -, starting with a letter or digit")
     args: dict[str, Any] = {
         "id": rule_id,
         "description": t.string("description", ""),
@@ -215,13 +236,19 @@ def parse_common(t: Table, *, counts: bool = True) -> dict[str, Any]:
     return args
 
 
-def parse_point(t: Table) -> dict[str, Any]:
-    args = parse_common(t)
+def parse_point(t: Table, kind: str) -> dict[str, Any]:
+    """parse_common plus the keys of a rule on one point (`point`, `fault`)."""
+    args = parse_common(t, kind)
     point = t.string("point")
     if not point:
         raise t.error("point", "must not be empty")
     args["point"] = point
-    args["fault"] = parse_fault(t.table("fault"))
+    fault = parse_fault(t.table("fault"))
+    for key in ("flags", "valid"):
+        names = getattr(fault, key)
+        if point in names:
+            raise t.error(f"fault.{key}[{names.index(point)}]", f"{point!r} is the rule's own point")
+    args["fault"] = fault
     return args
 
 
@@ -289,13 +316,9 @@ def ladder(specs: Sequence[LevelSpec], value: float, active: int, high: bool = T
 
 
 def spec_for(specs: Sequence[LevelSpec], level: int) -> LevelSpec | None:
+    """The first rung for `level`, or None."""
     for s in specs:
         if s.level == level:
             return s
     return None
 
-
-def require(condition: bool, path: str, reason: str) -> None:
-    """Raise RuleConfigError(path, reason) unless `condition` (never `assert`: it vanishes under -O)."""
-    if not condition:
-        raise RuleConfigError(path, reason)

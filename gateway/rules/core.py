@@ -70,10 +70,12 @@ class AlarmCore:
 
     @property
     def fault(self) -> bool:
+        """Whether the input is currently untrustworthy."""
         return self.fault_reason is not None
 
     @property
     def latched(self) -> bool:
+        """Whether the shown level is held above the condition, waiting for an acknowledgement."""
         return self.level > self.active
 
     # -- condition input ------------------------------------------------------------------------------
@@ -213,6 +215,7 @@ class AlarmCore:
     # -- persistence ----------------------------------------------------------------------------------
 
     def export(self) -> dict[str, Any]:
+        """The JSON-able state that must survive a restart (see restore)."""
         return {"level": int(self.level), "active": int(self.active), "acked": self.acked, "since_ms": self.since_ms}
 
     def restore(self, level: Level, active: Level, acked: bool, since_ms: int | None) -> None:

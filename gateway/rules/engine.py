@@ -34,7 +34,9 @@ class Rule(Protocol):
     """What the engine needs from a rule object (PointRule and CombinationRule provide it)."""
 
     id: str
-    points: tuple[int, ...]
+    points: tuple[int, ...]  # the catalogue points it reads (empty for a combination)
+
+    def evaluate(self, reading: Reading) -> list[Transition]: ...
 
     @property
     def level(self) -> Level: ...
@@ -78,14 +80,9 @@ class AlarmEngine:
                 rule: Any = CombinationRule(config, members, lift)
                 combos.append(rule)
             elif isinstance(config, PointConfig):
-                try:
-                    index = resolve(config.point)
-                except (KeyError, LookupError) as e:
-                    raise RuleConfigError(config.where("point"), f"unknown point {config.point!r}") from e
-                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                    raise RuleConfigError(config.where("point"), f"resolver gave {index!r}, not a point index")
-                rule = kind_of(config).rule(config, index)
-                by_point.setdefault(index, []).append(rule)
+                rule = kind_of(config).rule(config, resolve)
+                for index in rule.points:
+                    by_point.setdefault(index, []).append(rule)
             else:
                 raise RuleConfigError(config.where(), f"{type(config).__name__} is not a rule config")
             self._rules[config.id] = rule
@@ -162,6 +159,7 @@ class AlarmEngine:
 
     @property
     def rule_ids(self) -> tuple[str, ...]:
+        """Every rule id, in configuration order."""
         return tuple(self._rules)
 
     @property

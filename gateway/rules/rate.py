@@ -11,7 +11,7 @@ flood neither clears nor invents an alarm).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +51,8 @@ max_step = 0.5                      # a level jump > 0.5 m/min is a sensor glitc
 max_step_per_s = 60
 # min = 1941.0
 # max = 1963.0
+# flags = []                        # status points: fault while true
+# valid = []                        # status points: fault while false
 """
 
 
@@ -65,8 +67,9 @@ class Config(PointConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], path: str) -> Config:
+        """Build the typed config from one rule table; raises RuleConfigError naming the bad field."""
         t = Table(raw, path)
-        args = parse_point(t)
+        args = parse_point(t, KIND)
         window_s = t.number("window_s", positive=True)
         per_s = t.number("per_s", positive=True)
         min_span_s = t.number("min_span_s", window_s / 2, positive=True)
@@ -85,8 +88,8 @@ class Config(PointConfig):
 
 
 class RateRule(PointRule):
-    def __init__(self, config: Config, point: int) -> None:
-        super().__init__(config, point)
+    def __init__(self, config: Config, resolve: Callable[[str], int]) -> None:
+        super().__init__(config, resolve)
         self._specs = config.levels
         self._window_ms = round(config.window_s * 1000)
         self._min_span_ms = round(config.min_span_s * 1000)

@@ -6,13 +6,13 @@ combustible gas ≥ 25 %LEL → yellow, ≥ 50 %LEL → orange, latched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..model import Value
 from ._parse import Table
-from .base import PointRule, as_number
+from .base import OWN_INPUT, PointRule, as_number
 from .common import LevelSpec, PointConfig, ladder, parse_levels, parse_point, spec_for
 from .levels import Level, Transition
 
@@ -50,6 +50,10 @@ max_step = 0.5                      # a jump larger than this between readings i
 max_step_per_s = 60                 # … per 60 s: the allowance grows for longer gaps (0.5 m/min)
 min = 1941.0                        # plausible range of the value (else fault)
 max = 1963.0
+# Status points of the same device: fault while any `flags` point is true or any `valid` point is
+# false (e.g. a gas module's sensor_lost and status_valid bits), and the value is not used meanwhile.
+# flags = []
+# valid = []
 """
 
 
@@ -62,8 +66,9 @@ class Config(PointConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], path: str) -> Config:
+        """Build the typed config from one rule table; raises RuleConfigError naming the bad field."""
         t = Table(raw, path)
-        args = parse_point(t)
+        args = parse_point(t, KIND)
         direction = t.string("direction", "high", choices=("high", "low"))
         levels = parse_levels(t, "levels", high=direction == "high")
         out_of_range = t.string("out_of_range", "fault", choices=("fault", "raise_only"))
@@ -72,8 +77,8 @@ class Config(PointConfig):
 
 
 class ThresholdRule(PointRule):
-    def __init__(self, config: Config, point: int) -> None:
-        super().__init__(config, point)
+    def __init__(self, config: Config, resolve: Callable[[str], int]) -> None:
+        super().__init__(config, resolve)
         self._specs = config.levels
         self._high = config.direction == "high"
         self._raise_only_out_of_range = config.out_of_range == "raise_only"
@@ -103,4 +108,4 @@ class ThresholdRule(PointRule):
                 self._x = x
                 self.last_values = values
                 return core.observe(cond, ts, values, self._describe)
-        return core.set_fault(f"bad quality: out_of_range (value {value!r} would not raise the alarm)", ts, values)
+        return self._fault_on(OWN_INPUT, f"bad quality: out_of_range (value {value!r} would not raise the alarm)", ts, values)
