@@ -52,7 +52,7 @@ def tls_context(cfg: UplinkConfig) -> ssl.SSLContext | None:
 
 def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str | None = None) -> aiomqtt.Client:
     protocol = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         cfg.host,
         cfg.port,
         username=cfg.username,
@@ -66,6 +66,8 @@ def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str 
         max_inflight_messages=64,
         max_queued_outgoing_messages=0,
     )
+    client.pending_calls_threshold = 2 * Uplink.WINDOW  # our window is bounded; aiomqtt warns above 10
+    return client
 
 
 class Backoff:
