@@ -113,7 +113,7 @@ class DeviceConfig:
     points: tuple[PointSpec, ...]
     retries: int = 1
     offline_after: int = 3  # consecutive failed polls before the device is offline
-    backoff_max_s: float = 300.0  # longest wait between polls of an offline device
+    backoff_max_s: float = 60.0  # longest wait between probes of an offline device
     coalesce: bool = True
     max_gap: int = 8
     max_registers: int = MODBUS_MAX_REGISTERS
@@ -302,6 +302,8 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
     r.finish()
     if password_file is not None:
         _check_secret(r, "password_file", password_file)
+        if username is None:
+            r.error("password_file", "a password without a username is never sent: set username too")
     if key is not None:
         _check_secret(r, "key_file", key)
     for name, path in (("ca_file", ca), ("cert_file", cert)):
@@ -329,6 +331,9 @@ def _check_secret(r: Reader, name: str, path: Path) -> None:
         mode = path.stat().st_mode
     except OSError as exc:
         r.error(name, f"cannot read {path}: {exc.strerror}")
+        return
+    if not stat.S_ISREG(mode):
+        r.error(name, f"{path} is not a file")
         return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         r.error(name, f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
@@ -418,11 +423,11 @@ def _point(r: Reader, device_max: int) -> PointSpec | None:
 def _device(r: Reader) -> tuple[DeviceConfig | None, list[tuple[int, PointSpec]]]:
     name = r.get("name", str, check=ID_RE.match, hint="letters, digits, '_', '.', '-'")
     bus = r.get("bus", str)
-    unit = r.get("unit", int, 1, check=lambda v: 0 <= v <= 247, hint="0..247")
+    unit = r.get("unit", int, 1, check=lambda v: 0 <= v <= 255, hint="1..247 on a serial bus, 0..255 over TCP")
     interval = r.get("interval_s", NUMBER, check=_positive, hint="must be more than 0 seconds")
     retries = r.get("retries", int, 1, check=lambda v: 0 <= v <= 10, hint="0..10")
     offline_after = r.get("offline_after", int, 3, check=lambda v: v >= 1, hint="≥ 1")
-    backoff_max = r.get("backoff_max_s", NUMBER, 300.0, check=_positive, hint="> 0")
+    backoff_max = r.get("backoff_max_s", NUMBER, 60.0, check=_positive, hint="> 0")
     coalesce = r.get("coalesce", bool, True)
     max_gap = r.get("max_gap", int, 8, check=lambda v: 0 <= v <= 124, hint="0..124")
     max_registers = r.get("max_registers", int, MODBUS_MAX_REGISTERS, check=lambda v: 1 <= v <= MODBUS_MAX_REGISTERS, hint=f"1..{MODBUS_MAX_REGISTERS}")
@@ -500,9 +505,8 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
         raise ConfigError(shown, [Problem("(syntax)", str(exc), int(m.group(1)) if m else None)]) from exc
     errors: list[Problem] = []
     top = Reader(doc, "", errors)
-    site = _site(Reader(top.get("site", dict), "site", errors)) if "site" in doc else None
-    if "site" not in doc:
-        top.get("site", dict)  # records "missing (required)"
+    site_table = top.get("site", dict)
+    site = _site(Reader(site_table, "site", errors)) if site_table is not None else None
     uplink_table = top.get("uplink", dict)
     uplink = _uplink(Reader(uplink_table, "uplink", errors), base, site) if uplink_table is not None else None
     spool = _spool(Reader(top.get("spool", dict, {}), "spool", errors), base)
@@ -520,6 +524,7 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
         bus_index[bus.name] = i
         buses.append(bus)
     _check_serial_ports(buses, bus_index, errors)
+    bus_by_name = {b.name: b for b in buses}
 
     devices: list[DeviceConfig] = []
     device_index: dict[str, int] = {}
@@ -540,6 +545,9 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
             known = ", ".join(sorted(bus_index)) or "none defined"
             errors.append(Problem(f"devices[{i}].bus", f"no bus named {device.bus!r} (buses: {known})"))
             continue
+        if bus_by_name[device.bus].kind == "rtu" and not 1 <= device.unit <= 247:
+            errors.append(Problem(f"devices[{i}].unit", f"unit {device.unit} on serial bus {device.bus!r}: RS-485 slaves are 1..247 (0 is broadcast, nobody answers)"))
+            continue
         key = (device.bus, device.unit)
         if key in units:
             j, other = units[key]
@@ -553,7 +561,9 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
 
     if errors:
         locator = Locator(text)
-        raise ConfigError(shown, [Problem(p.path, p.message, locator.line(p.path)) for p in errors])
+        located = [Problem(p.path, p.message, locator.line(p.path)) for p in errors]
+        located.sort(key=lambda p: p.line or 0)  # read top to bottom, like the file
+        raise ConfigError(shown, located)
     if site is None or uplink is None:  # unreachable: a missing section is an error above
         raise ConfigError(shown, [Problem("site" if site is None else "uplink", "missing")])
     catalogue = tuple(PointInfo(d.name, p.name, p.unit, p.type) for d in devices for p in d.points)

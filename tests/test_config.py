@@ -76,7 +76,7 @@ BROKEN = [
     ("bool on a register", ('type = "float32"', 'type = "bool"'), 38, "bool is for coils and discrete inputs"),
     ("bit without bit", ('type = "float32"', 'type = "bit"'), None, 'type "bit" needs bit = 0..15'),
     ("bad word order", ('word_order = "little"', 'word_order = "CDAB"'), 39, "devices[1].points[0].word_order: invalid value 'CDAB'"),
-    ("unit out of range", ("unit = 1\ninterval_s = 1", "unit = 300\ninterval_s = 1"), 33, "devices[1].unit: invalid value 300: 0..247"),
+    ("unit out of range", ("unit = 1\ninterval_s = 1", "unit = 300\ninterval_s = 1"), 33, "devices[1].unit: invalid value 300: 1..247 on a serial bus, 0..255 over TCP"),
     ("address out of range", ("address = 2", "address = 70000"), 37, "devices[1].points[0].address: invalid value 70000"),
     ("too many registers per request", ("interval_s = 1\n", "interval_s = 1\nmax_registers = 200\n"), 35, "devices[1].max_registers: invalid value 200: 1..125"),
     ("inline password", ("tls = false", 'tls = false\npassword = "hunter2"'), 8, "uplink.password: secrets are not written inline"),
@@ -138,3 +138,35 @@ def test_shipped_examples_load(example: Path) -> None:
 def test_examples_exist() -> None:
     names = {p.stem for p in (ROOT / "examples").glob("*.toml")}
     assert {"reservoir", "slope", "chemical-park"} <= names
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (("unit = 1\ninterval_s = 60", "unit = 0\ninterval_s = 60"), "devices[0].unit: unit 0 on serial bus 'a': RS-485 slaves are 1..247"),
+        (("[site]\nid = \"KM-RES-01\"\ngateway = \"gw1\"\n", 'site = "x"\n'), "site: expected a table, got string"),
+    ],
+)
+def test_more_mistakes_a_technician_makes(change: tuple[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(GOOD.replace(*change), "site.toml")
+    assert any(fragment in line for line in info.value.lines()), info.value.lines()
+    assert not any("NoneType" in line for line in info.value.lines())
+
+
+def test_password_file_needs_a_username_and_must_be_a_file(tmp_path: Path) -> None:
+    (tmp_path / "gw.pass").write_text("x")
+    os.chmod(tmp_path / "gw.pass", 0o600)
+    (tmp_path / "dir").mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="a password without a username is never sent"):
+        parse(GOOD.replace("tls = false", 'tls = false\npassword_file = "gw.pass"'), "site.toml", base=tmp_path)
+    with pytest.raises(ConfigError, match="dir is not a file"):
+        parse(GOOD.replace("tls = false", 'tls = false\nusername = "u"\npassword_file = "dir"'), "site.toml", base=tmp_path)
+
+
+def test_problems_are_listed_in_file_order() -> None:
+    text = GOOD.replace('word_order = "little"', 'word_order = "x"').replace('gateway = "gw1"', 'gateway = "gw1"\nfoo = 1')
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml")
+    lines = [p.line for p in info.value.problems]
+    assert lines == sorted(lines) and len(lines) == 2

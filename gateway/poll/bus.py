@@ -19,11 +19,16 @@ from device_drivers.plan import Request, plan_requests
 from device_drivers.registers import evaluate
 from gateway.clock import Clock
 from gateway.config import BusConfig, DeviceConfig
-from gateway.model import Quality, Reading, quality_name
+from gateway.model import Quality, Reading, modbus_exception_quality, quality_name
 
 log = logging.getLogger("yujing.poll")
 
 Sink = Callable[[list[Reading]], None]
+
+# A device answering "illegal address/value" to a coalesced read usually does not map a register in
+# the filled gap, or caps the read length: read its points one by one from then on. Other
+# exceptions (busy, device failure) are not about the request's shape, so they do not split it.
+SPLIT_ON = {modbus_exception_quality(2), modbus_exception_quality(3)}
 
 
 class DeviceState(enum.Enum):
@@ -115,7 +120,7 @@ class BusScheduler:
             if ri not in p.split:
                 quality = await self._read(p, req, results, attempts)
                 answered |= quality == Quality.GOOD or bool(quality & Quality.MODBUS_EXCEPTION)
-                if not (quality & Quality.MODBUS_EXCEPTION and len(req.members) > 1):
+                if not (quality in SPLIT_ON and len(req.members) > 1):
                     continue
                 # The device refused a coalesced read (often a hole it does not map): split it for good.
                 p.split.add(ri)
@@ -182,6 +187,7 @@ class BusScheduler:
             p.failures += 1
             if p.failures >= p.config.offline_after:
                 p.state = DeviceState.OFFLINE
+                # probe less and less often, but never less often than backoff_max_s (or one interval)
                 p.probe_gap = min(max(p.probe_gap * 2, p.config.interval_s * 2), max(p.config.backoff_max_s, p.config.interval_s))
                 p.next_probe = now + p.probe_gap
             else:
