@@ -104,7 +104,6 @@ gateway = "gw"
 host = "127.0.0.1"
 port = {broker_port}
 tls = false
-batch_delay_s = 0.2
 [spool]
 path = "{spool}"
 [[buses]]

@@ -38,11 +38,11 @@ def plan_requests(
     order = sorted(range(len(points)), key=lambda i: (points[i].table.value, points[i].address, i))
     start = end = 0
     table: Table | None = None
-    members: list[tuple[int, int]] = []
+    members: list[int] = []
 
     def flush() -> None:
         if table is not None and members:
-            requests.append(Request(table, start, end - start, tuple((i, points[i].address - start) for i, _ in members)))
+            requests.append(Request(table, start, end - start, tuple((i, points[i].address - start) for i in members)))
 
     for i in order:
         p = points[i]
@@ -55,9 +55,9 @@ def plan_requests(
         )
         if joins:
             end = max(end, p.end)
-            members.append((i, 0))
+            members.append(i)
         else:
             flush()
-            table, start, end, members = p.table, p.address, p.end, [(i, 0)]
+            table, start, end, members = p.table, p.address, p.end, [i]
     flush()
     return requests

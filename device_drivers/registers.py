@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -131,6 +132,69 @@ def in_range(point: PointSpec, value: Value) -> bool:
     if point.max is not None and value > point.max:
         return False
     return True
+
+
+Decoder = Callable[[Sequence[int] | Sequence[bool]], tuple[Value, int]]
+
+
+def compile_point(point: PointSpec) -> Decoder:
+    """A decoder specialised for one point, equivalent to `evaluate` (tested so) but built once:
+    the poll loop calls it for every point of every poll."""
+    if point.table.is_bits:
+        def bits_(b):  # type: ignore[no-untyped-def]
+            return (bool(b[0]), Quality.GOOD) if b else (None, Quality.DECODE)
+        return bits_
+    if point.type == REGISTER_BIT_TYPE:
+        mask = 1 << (point.bit or 0)
+
+        def bit_(w):  # type: ignore[no-untyped-def]
+            return (bool(w[0] & mask), Quality.GOOD) if w else (None, Quality.DECODE)
+        return bit_
+    n, code, is_float = WORD_TYPES[point.type]
+    if n == 1 and point.byte_order == "big":
+        if point.type == "uint16":
+            def raw(w):  # type: ignore[no-untyped-def]
+                return w[0]
+        else:
+            def raw(w):  # type: ignore[no-untyped-def]
+                v = w[0]
+                return v - 0x10000 if v & 0x8000 else v
+    else:
+        words_st = struct.Struct(">" + "H" * n)
+        value_st = struct.Struct(code)
+        swap_words = point.word_order == "little"
+        swap_bytes = point.byte_order == "little"
+
+        def raw(w):  # type: ignore[no-untyped-def]
+            data = words_st.pack(*(w[::-1] if swap_words else w))
+            if swap_bytes:
+                b = bytearray(data)
+                b[0::2], b[1::2] = data[1::2], data[0::2]
+                data = bytes(b)
+            return value_st.unpack(data)[0]
+
+    plain = point.scale == 1 and point.offset == 0
+    fscale, foffset = float(point.scale), float(point.offset)
+    dscale, doffset = point.scale, point.offset
+    lo, hi = point.min, point.max
+    checked = lo is not None or hi is not None
+
+    def decode(w):  # type: ignore[no-untyped-def]
+        if len(w) != n:
+            return None, Quality.DECODE
+        v = raw(w)
+        if is_float:
+            if v != v or v in (math.inf, -math.inf):
+                return None, Quality.DECODE
+            if not plain:
+                v = v * fscale + foffset
+        elif not plain:
+            v = v * dscale + doffset
+        if checked and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+            return v, Quality.OUT_OF_RANGE
+        return v, Quality.GOOD
+
+    return decode
 
 
 def evaluate(point: PointSpec, words: list[int] | None = None, bits: list[bool] | None = None) -> tuple[Value, int]:

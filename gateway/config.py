@@ -82,7 +82,7 @@ class UplinkConfig:
     key_file: Path | None = None
     keepalive_s: int = 30
     batch_max: int = 500
-    batch_delay_s: float = 0.5
+    batch_delay_s: float = 1.0
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
 
@@ -293,7 +293,7 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
     insecure = r.get("allow_plaintext", bool, False)
     keepalive = r.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, hint="5..3600")
     batch_max = r.get("batch_max", int, 500, check=lambda v: 1 <= v <= 10000, hint="1..10000")
-    batch_delay = r.get("batch_delay_s", NUMBER, 0.5, check=_non_negative, hint="≥ 0")
+    batch_delay = r.get("batch_delay_s", NUMBER, 1.0, check=_non_negative, hint="≥ 0")
     bmin = r.get("backoff_min_s", NUMBER, 1.0, check=_positive, hint="> 0")
     bmax = r.get("backoff_max_s", NUMBER, 60.0, check=_positive, hint="> 0")
     if "password" in r.table:

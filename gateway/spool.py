@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS readings (
     session INTEGER NOT NULL,
     point INTEGER NOT NULL,
     ts INTEGER NOT NULL,
-    value BLOB NOT NULL,
+    value,                  -- int/float/NULL natively; anything else (bool, decimal, bignum) as CBOR
+
     quality INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -62,17 +63,33 @@ class Spool:
         self.max_bytes = max_bytes
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.5)
+            # One gateway per spool: a second process sharing it would reuse sequence numbers.
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("BEGIN IMMEDIATE")  # takes the lock now, so a second gateway fails at start
             self.db.executescript(SCHEMA)
             self._page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise SpoolError(f"spool {path}: in use by another process (is another yujing running with this site file?)") from exc
+            raise SpoolError(f"spool {path}: cannot open: {exc}") from exc
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"spool {path}: cannot open: {exc}") from exc
+        self._next_seq = self._meta("next_seq", 1)
         self._appends_since_check = 0
+        # PUBACKed seqs whose DELETE waits for the next transaction: one fsync fewer per message.
+        # Lost in a power cut, they are only sent again (a flagged duplicate), never lost.
+        self._acked: set[int] = set()
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            if self._acked:
+                with self._tx():
+                    self._flush_acked()
+        finally:
+            self.db.close()
 
     # ---------------------------------------------------------- counters
 
@@ -114,7 +131,7 @@ class Spool:
 
     def append(self, session: int, readings: Sequence[Reading]) -> None:
         """Commit readings durably; raises SpoolError (naming the file) when the disk refuses."""
-        rows = [(session, r.point, r.ts_ms, cbor2.dumps(wire.wire_value(r.value), canonical=True), int(r.quality)) for r in readings]
+        rows = [(session, r.point, r.ts_ms, _store(r.value), int(r.quality)) for r in readings]
         with self._tx():
             self.db.executemany("INSERT INTO readings(session, point, ts, value, quality) VALUES(?, ?, ?, ?, ?)", rows)
         self._appends_since_check += len(rows)
@@ -150,32 +167,52 @@ class Spool:
 
     def unsent(self, after_seq: int = -1, limit: int = 100) -> list[Message]:
         """Sealed messages not yet acknowledged, oldest first."""
-        rows = self.db.execute("SELECT seq, session, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
-        return [Message(*r) for r in rows]
+        rows = self.db.execute(
+            "SELECT seq, session, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit + len(self._acked))
+        )
+        return [Message(*r) for r in rows if r[0] not in self._acked][:limit]
 
     def seal(self, max_readings: int, *, now_ms: int, historical_after_ms: int) -> Message | None:
         """Turn the oldest readings (of one session) into the next data message, atomically."""
         with self._tx():
-            first = self.db.execute("SELECT session FROM readings ORDER BY id LIMIT 1").fetchone()
-            if first is None:
+            self._flush_acked()
+            rows = self.db.execute("SELECT id, session, point, ts, value, quality FROM readings ORDER BY id LIMIT ?", (max_readings,)).fetchall()
+            if not rows:
                 return None
-            session = first[0]
-            rows = self.db.execute(
-                "SELECT id, point, ts, value, quality FROM readings WHERE session = ? ORDER BY id LIMIT ?", (session, max_readings)
-            ).fetchall()
-            readings = [Reading(p, ts, wire.decode_value(cbor2.loads(v)), q) for _, p, ts, v, q in rows]
-            seq = self._meta("next_seq", 1)
+            session = rows[0][1]
+            if rows[-1][1] != session:
+                rows = [r for r in rows if r[1] == session]
+            readings = [Reading(p, ts, _load(v), q) for _, _, p, ts, v, q in rows]
+            seq = self._next_seq
             newest = max(r.ts_ms for r in readings)
             payload = wire.encode_data(session, seq, readings, historical=now_ms - newest > historical_after_ms)
             self.db.execute("INSERT INTO messages(seq, session, payload) VALUES(?, ?, ?)", (seq, session, payload))
             self.db.execute("DELETE FROM readings WHERE id BETWEEN ? AND ? AND session = ?", (rows[0][0], rows[-1][0], session))
             self._set_meta("next_seq", seq + 1)
+        self._next_seq = seq + 1
         return Message(seq, session, payload)
 
     def delivered(self, seq: int) -> None:
-        """The broker acknowledged this message: forget it."""
-        with self._tx():
-            self.db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+        """The broker acknowledged this message: forget it (deleted with the next transaction)."""
+        self._acked.add(seq)
+        if len(self._acked) >= 256:
+            with self._tx():
+                self._flush_acked()
+
+    def _flush_acked(self) -> None:
+        if self._acked:
+            self.db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in self._acked])
+            self._acked.clear()
+
+
+def _store(v: object) -> object:
+    if v is None or type(v) is float or (type(v) is int and -(2**63) <= v < 2**63):  # noqa: E721 (bool is not int here)
+        return v
+    return cbor2.dumps(wire.wire_value(v), canonical=True)  # type: ignore[arg-type]
+
+
+def _load(v: object) -> object:
+    return wire.decode_value(cbor2.loads(v)) if isinstance(v, bytes) else v
 
 
 class _Transaction:

@@ -83,3 +83,25 @@ def test_out_of_range_keeps_value_with_bad_quality() -> None:
 def test_nan_and_short_replies_are_decode_errors_not_crashes() -> None:
     assert evaluate(point("float32"), words=[0x7FC0, 0x0000]) == (None, Quality.DECODE)
     assert evaluate(point("uint32"), words=[0x0001]) == (None, Quality.DECODE)
+
+
+@pytest.mark.parametrize(("type_", "raw", "abcd"), CASES)
+@pytest.mark.parametrize(("byte_order", "word_order"), [("big", "big"), ("big", "little"), ("little", "big"), ("little", "little")])
+@pytest.mark.parametrize(("scale", "offset", "lo", "hi"), [(Decimal(1), Decimal(0), None, None), (Decimal("-0.001"), Decimal("1963"), -10, 1e30)])
+def test_compiled_decoder_equals_reference(type_, raw, abcd, byte_order, word_order, scale, offset, lo, hi) -> None:
+    from device_drivers.registers import compile_point
+
+    p = point(type_, byte_order=byte_order, word_order=word_order, scale=scale, offset=offset, min=lo, max=hi)
+    words = layout(abcd, byte_order, word_order)
+    assert compile_point(p)(words) == evaluate(p, words=words)
+    assert compile_point(p)(words[:-1] or [1, 2, 3, 4, 5]) == (None, Quality.DECODE)
+
+
+def test_compiled_decoder_bits_nan_and_range() -> None:
+    from device_drivers.registers import compile_point
+
+    assert compile_point(point("bit", bit=15))([0x8000]) == (True, Quality.GOOD)
+    assert compile_point(point("bool", table=Table.DISCRETE))([False]) == (False, Quality.GOOD)
+    assert compile_point(point("float32"))([0x7FC0, 0]) == (None, Quality.DECODE)
+    assert compile_point(point("float32"))([0x7F80, 0]) == (None, Quality.DECODE)  # +inf
+    assert compile_point(point("int16", min=-5, max=5))([0xFFF0]) == (-16, Quality.OUT_OF_RANGE)

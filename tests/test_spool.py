@@ -127,3 +127,39 @@ def test_kill_9_loses_nothing_committed_and_corrupts_nothing(tmp_path: Path) -> 
         present.setdefault(m.session, set()).update(r.ts_ms for r in wire.decode_data(m.payload).readings)
     for session, last in last_acknowledged.items():
         assert set(range(last + 1)) <= present[session], f"session {session} lost acknowledged readings"
+
+
+def test_every_value_type_survives_the_spool(tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    values = [True, False, None, 7, -7, 2**64 - 1, -(2**63), 1.5, 0.1, Decimal("1953.38"), Decimal("32.5")]
+    s.append(1, [Reading(i, T, v) for i, v in enumerate(values)])
+    got = [r.value for r in sorted(wire.decode_data(s.seal(100, now_ms=T, historical_after_ms=1).payload).readings)]
+    assert got == values
+    assert [type(v) for v in got[:3]] == [bool, bool, type(None)]
+
+
+def test_acknowledged_messages_are_not_resent_even_before_their_delete_commits(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    s.append(1, [Reading(0, T, 1)])
+    m = s.seal(10, now_ms=T, historical_after_ms=1)
+    s.delivered(m.seq)
+    assert s.unsent() == []
+    s.close()
+    assert Spool(tmp_path / "s.db").unsent() == []  # close() commits the pending deletes
+
+
+def test_a_second_gateway_cannot_share_the_spool(tmp_path: Path) -> None:
+    import pytest
+
+    from gateway.spool import SpoolError
+
+    first = Spool(tmp_path / "s.db")
+    first.start_session(CAT, T)
+    with pytest.raises(SpoolError, match="in use by another process"):
+        Spool(tmp_path / "s.db")
+    first.close()
+    Spool(tmp_path / "s.db").close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from device_drivers.modbus import DeviceError, Transport, TransportError
 from device_drivers.plan import Request, plan_requests
-from device_drivers.registers import evaluate
+from device_drivers.registers import Decoder, compile_point
 from gateway.clock import Clock
 from gateway.config import BusConfig, DeviceConfig
 from gateway.model import Quality, Reading, modbus_exception_quality, quality_name
@@ -49,6 +49,8 @@ class DevicePoller:
     probe_gap: float = 0.0
     polls: int = 0
     split: set[int] = field(default_factory=set)  # requests the device rejected whole; read point by point
+    decoders: list[Decoder] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
 
     @classmethod
     def build(cls, config: DeviceConfig, base: int) -> "DevicePoller":
@@ -59,7 +61,7 @@ class DevicePoller:
             max_registers=config.max_registers,
             max_bits=config.max_bits,
         )
-        return cls(config, base, requests)
+        return cls(config, base, requests, decoders=[compile_point(p) for p in config.points], counts=[p.count for p in config.points])
 
 
 class BusScheduler:
@@ -135,7 +137,6 @@ class BusScheduler:
 
     async def _read(self, p: DevicePoller, req: Request, results: dict[int, tuple[object, int]], attempts: int) -> int:
         """Read one request into results. Returns GOOD, or the quality of the last failure."""
-        points = p.config.points
         quality: int = Quality.TIMEOUT
         for attempt in range(attempts):
             if attempt:
@@ -152,10 +153,9 @@ class BusScheduler:
                 await self._transport_down(exc)
                 break
             self._transport_gap = 0.0
-            for j, _ in req.members:
-                off = points[j].address - req.address
-                span = data[off : off + points[j].count]
-                results[j] = evaluate(points[j], bits=span) if req.table.is_bits else evaluate(points[j], words=span)
+            decoders, counts = p.decoders, p.counts
+            for j, off in req.members:
+                results[j] = decoders[j](data[off : off + counts[j]])
             return Quality.GOOD
         for j, _ in req.members:
             results[j] = (None, quality)

