@@ -8,8 +8,10 @@ silent gap.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import heapq
+from collections import deque
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +83,58 @@ class BusScheduler:
         self.transactions = 0
         self._last_io = float("-inf")
         self._transport_gap = 0.0
+        self._writes: deque[tuple[str, int, int, int | bool, asyncio.Future[None]]] = deque()
+        self._write_arrived = asyncio.Event()
+
+    async def write(self, kind: str, unit: int, address: int, value: int | bool) -> None:
+        """Write one coil ("coil") or holding register ("register") on this bus, ahead of any pending poll.
+
+        It shares the bus's single transaction slot, so it never collides with a poll on the wire.
+        Raises DeviceError or TransportError when the device does not take it.
+        """
+        if kind not in ("coil", "register"):
+            raise ValueError(f"bus {self.bus.name}: cannot write a {kind!r}")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writes.append((kind, unit, address, value, done))
+        self._write_arrived.set()
+        await done
+
+    async def _do_writes(self) -> None:
+        while self._writes:
+            kind, unit, address, value, done = self._writes.popleft()
+            if done.cancelled():
+                continue
+            try:
+                await self._pace()
+                self.transactions += 1
+                if kind == "coil":
+                    await self.transport.write_coil(address, bool(value), unit)
+                else:
+                    await self.transport.write_register(address, int(value), unit)
+            except (DeviceError, TransportError) as exc:
+                if not done.done():
+                    done.set_exception(exc)
+            else:
+                if not done.done():
+                    done.set_result(None)
+            finally:
+                self._last_io = self.clock.monotonic()
+
+    async def _wait_until(self, due: float) -> None:
+        """Sleep until `due`, or until a write arrives."""
+        if self._writes:
+            return
+        self._write_arrived.clear()
+        delay = due - self.clock.monotonic()
+        if delay <= 0:
+            return
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        waker = asyncio.ensure_future(self._write_arrived.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     async def run(self) -> None:
         """Poll until cancelled. Never returns on device errors; a lost port is reopened with backoff."""
@@ -91,8 +145,12 @@ class BusScheduler:
             heapq.heappush(queue, (now, i))
         try:
             while True:
-                due, i = heapq.heappop(queue)
-                await self.clock.sleep(due - self.clock.monotonic())
+                due = queue[0][0]
+                await self._wait_until(due)
+                await self._do_writes()
+                if self.clock.monotonic() < due:
+                    continue  # woken by a write; the poll is not due yet
+                _, i = heapq.heappop(queue)
                 p = self.pollers[i]
                 await self._poll(p)
                 # Fixed-rate schedule; if we fell behind, skip missed slots instead of bursting.
@@ -161,11 +219,16 @@ class BusScheduler:
             results[j] = (None, quality)
         return quality
 
-    async def _transaction(self, req: Request, unit: int) -> list:
+    async def _pace(self) -> None:
         # Quiet time between frames: slow RS-485 devices need it, and it is the only place requests meet.
         wait = self._last_io + self.bus.pause_s - self.clock.monotonic()
         if wait > 0:
             await self.clock.sleep(wait)
+
+    async def _transaction(self, req: Request, unit: int) -> list:
+        if self._writes:
+            await self._do_writes()  # an alarm output does not wait for the rest of a poll
+        await self._pace()
         try:
             self.transactions += 1
             return await self.transport.read(req.table, req.address, req.count, unit)
