@@ -1,10 +1,12 @@
 """The wiring: the only module that knows every stage.
 
     buses ──readings──▶ sink ──▶ spool (SQLite, durable) ──▶ uplink (MQTT) ──▶ broker
-    (one scheduler        │
-     per bus)             └── rules/alarms (local; see issue 3)
+    (one scheduler        │              ▲ alarm events (first)        │ cmd (signed)
+     per bus)             ▼              │                             ▼
+                       alarm desk ───────┴──── outputs (coils via the bus scheduler, GPIO, programs)
+                       (rule engine)  ◀── acknowledgements: control socket (`yujing ack`), MQTT cmd
 
-Start order: spool, uplink, then pollers. Stop order: pollers first, then the uplink, which
+Start order: spool, alarm desk, uplink, then pollers. Stop order: pollers first, then the uplink, which
 publishes the clean death. Shutdown is a parameter (an asyncio.Event), set by SIGTERM/SIGINT in
 production and by the test or demo that runs the gateway.
 """
@@ -16,6 +18,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from device_drivers.modbus import ModbusTransport, Transport
 from gateway import __version__
@@ -25,6 +28,10 @@ from gateway.model import Reading
 from gateway.poll.bus import BusScheduler
 from gateway.spool import Spool, SpoolError
 from gateway.uplink.mqtt import Identity, Uplink
+
+from . import wire
+from .alarms import AlarmDesk, ControlServer
+from .rules import AlarmEngine, FileStateStore
 
 log = logging.getLogger("yujing.gateway")
 
@@ -48,10 +55,14 @@ class Gateway:
     session: int = 0
     readings: int = 0
     spool_errors: int = 0
+    desk: AlarmDesk | None = None
+    outputs: Any = None
+    tick_s: float = 1.0
 
     def _sink(self, readings: list[Reading]) -> None:
         self.readings += len(readings)
-        # Alarm rules run here, before the spool, so a full disk cannot delay a siren (issue 3).
+        if self.desk is not None:
+            self.desk.on_readings(readings)  # before the spool: a full disk must not delay a siren
         if self.spool is None:  # not started yet
             return
         try:
@@ -83,16 +94,54 @@ class Gateway:
             for bus in cfg.buses
             if any(d.bus == bus.name for d in cfg.devices)
         ]
+        control: ControlServer | None = None
+        if cfg.rules:
+            control = await self._start_alarms(self.spool, self.uplink)
         try:
             async with asyncio.TaskGroup() as tg:
                 uplink_task = tg.create_task(self.uplink.run(stop), name="uplink")
+                helpers = []
+                if self.outputs is not None:
+                    helpers.append(tg.create_task(self.outputs.run(), name="outputs"))
+                if self.desk is not None:
+                    helpers.append(tg.create_task(self._ticker(self.desk), name="alarm-tick"))
                 pollers = [tg.create_task(s.run(), name=f"bus-{s.bus.name}") for s in self.schedulers]
                 await stop.wait()
                 for t in pollers:
                     t.cancel()
                 await uplink_task
+                for t in helpers:
+                    t.cancel()
         finally:
+            if control is not None:
+                await control.close()
             self.spool.close()
+
+    async def _start_alarms(self, spool: Spool, uplink: Uplink) -> ControlServer:
+        cfg = self.config
+        engine = AlarmEngine(cfg.rules, cfg.resolve_point, store=FileStateStore(cfg.state_dir / "alarms.json"))
+        if cfg.actions:
+            from .actions import ActionController
+
+            self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock)
+        key = cfg.uplink.command_key_file.read_bytes().strip() if cfg.uplink.command_key_file else None
+        desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, spool=spool, outputs=self.outputs,
+                                     publish_state=uplink.alarm_state, wake_uplink=uplink.wake.set, command_key=key)
+        if self.outputs is not None:
+            self.outputs.on_event = lambda e: desk.actuator_event(wire.Event(e.kind, e.action, 0, 0, e.ts_ms, {}, e.message))
+        uplink.commands = desk.handle_command
+        uplink.alarm_state(desk.state_payload())
+        control = ControlServer(cfg.state_dir / "control.sock", desk)
+        await control.start()
+        log.info("%d alarm rules, %d actions; acknowledge locally with: yujing ack %s RULE --by NAME",
+                 len(cfg.rules), len(cfg.actions), cfg.path)
+        return control
+
+    async def _ticker(self, desk: AlarmDesk) -> None:
+        """Time-driven alarm logic (stale inputs, off-delays, season windows) and held events."""
+        while True:
+            await self.clock.sleep(self.tick_s)
+            desk.tick()
 
 
 async def run_until_signalled(gateway: Gateway, *, grace_s: float = 4.5) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,69 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ack(args: argparse.Namespace) -> int:
+    """Acknowledge an alarm on this gateway, through its local control socket (works with the uplink down)."""
+    from .alarms import control_request
+    from .config import ConfigError, load
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return 2
+    sock = cfg.state_dir / "control.sock"
+    request = {"status": True} if args.rule is None else {"ack": args.rule, "by": args.by}
+    try:
+        reply = asyncio.run(control_request(sock, request))
+    except (OSError, TimeoutError) as exc:
+        print(f"cannot reach the gateway at {sock}: {exc} (is `yujing run {args.config}` running, as this user?)", file=sys.stderr)
+        return 1
+    if args.rule is None:
+        for a in reply.get("alarms", []):
+            print(f"{a['rule']:<28} {a['colour']:<7} {'latched ' if a['latched'] else ''}{'acked ' if a['acked'] else ''}"
+                  f"{'FAULT ' + (a['fault_reason'] or '') if a['fault'] else ''}")
+        return 0
+    print(reply.get("message", reply), file=sys.stdout if reply.get("ok") else sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
+def cmd_send_ack(args: argparse.Namespace) -> int:
+    """Platform side: send a signed acknowledgement over MQTT and print the gateway's reply."""
+    import time
+    import uuid
+
+    import aiomqtt
+
+    from . import wire
+    from .consumer import parse_broker
+
+    host, port = parse_broker(args.broker)
+    key = Path(args.key_file).read_bytes().strip()
+    request_id = uuid.uuid4().hex[:16]
+    payload = wire.sign_command(wire.command_body("ack", args.rule, args.by, request_id, time.time_ns() // 1_000_000), key)
+    prefix = f"{args.prefix}/{args.site}/{args.gateway}"
+
+    async def main() -> tuple[bool, str]:
+        async with aiomqtt.Client(host, port) as client:
+            await client.subscribe(f"{prefix}/reply", qos=1)
+            await client.publish(f"{prefix}/cmd", payload, qos=1)
+            async with asyncio.timeout(args.timeout):
+                async for m in client.messages:
+                    rid, ok, message = wire.decode_reply(bytes(m.payload))
+                    if rid == request_id:
+                        return ok, message
+        return False, "no reply"
+
+    try:
+        ok, message = asyncio.run(main())
+    except TimeoutError:
+        print(f"no reply from {prefix} within {args.timeout}s", file=sys.stderr)
+        return 1
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -160,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-validate", action="store_true", help="skip CDDL validation")
     s.add_argument("--duration", type=float, help="stop after SECONDS")
     s.set_defaults(func=cmd_consume)
+
+    s = sub.add_parser("ack", help="acknowledge a latched alarm on this gateway (no RULE: list the alarms)")
+    s.add_argument("config", metavar="SITE.toml")
+    s.add_argument("rule", nargs="?", metavar="RULE")
+    s.add_argument("--by", default=os.environ.get("USER", "local"), help="who acknowledges (default: $USER)")
+    s.set_defaults(func=cmd_ack)
+
+    s = sub.add_parser("send-ack", help="platform side: send a signed acknowledgement to a gateway over MQTT")
+    s.add_argument("--broker", required=True, metavar="HOST:PORT")
+    s.add_argument("--site", required=True)
+    s.add_argument("--gateway", required=True)
+    s.add_argument("--key-file", required=True, help="the gateway's command key (its uplink.command_key_file)")
+    s.add_argument("--prefix", default="yujing/v1")
+    s.add_argument("--by", required=True)
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("rule", metavar="RULE")
+    s.set_defaults(func=cmd_send_ack)
 
     s = sub.add_parser("demo", help="a whole simulated site: devices, gateway, broker and consumer, no hardware")
     s.add_argument("--duration", type=float, help="stop by itself after SECONDS")

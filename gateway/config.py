@@ -85,6 +85,8 @@ class UplinkConfig:
     batch_delay_s: float = 1.0
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
+    drain_rate: float = 0.0  # backlog readings per second after an outage; 0: as fast as the broker takes
+    command_key_file: Path | None = None  # HMAC key for signed MQTT commands; none: remote commands refused
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,25 @@ class Config:
     buses: tuple[BusConfig, ...]
     devices: tuple[DeviceConfig, ...]
     catalogue: tuple[PointInfo, ...] = field(default=())
+    rules: tuple[Any, ...] = field(default=())  # gateway.rules configs, validated against the catalogue
+    actions: tuple[Any, ...] = field(default=())  # gateway.actions configs
 
     def point_index(self) -> dict[tuple[str, str], int]:
         return {(p.device, p.name): i for i, p in enumerate(self.catalogue)}
+
+    def resolve_point(self, name: str) -> int:
+        """`device.point` → catalogue index; KeyError naming the known points otherwise."""
+        device, _, point = name.partition(".")
+        index = self.point_index()
+        if (device, point) not in index:
+            raise KeyError(f"no point {name!r} (points are named device.point, e.g. {next(iter(self.catalogue)).device}."
+                           f"{next(iter(self.catalogue)).name})" if self.catalogue else f"no point {name!r}")
+        return index[(device, point)]
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the gateway keeps its state: the spool, the latched alarms, the control socket."""
+        return self.spool.path.parent
 
 
 # ---------------------------------------------------------------- line numbers
@@ -296,6 +314,8 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
     batch_delay = r.get("batch_delay_s", NUMBER, 1.0, check=_non_negative, hint="≥ 0")
     bmin = r.get("backoff_min_s", NUMBER, 1.0, check=_positive, hint="> 0")
     bmax = r.get("backoff_max_s", NUMBER, 60.0, check=_positive, hint="> 0")
+    drain_rate = r.get("drain_rate", NUMBER, 0, check=_non_negative, hint="readings per second, 0 = as fast as the broker accepts")
+    command_key = _resolve(base, r.get("command_key_file", str, None))
     if "password" in r.table:
         r.table.pop("password")
         r.error("password", "secrets are not written inline: put the password in a file (mode 0600) and name it in password_file")
@@ -306,6 +326,8 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
             r.error("password_file", "a password without a username is never sent: set username too")
     if key is not None:
         _check_secret(r, "key_file", key)
+    if command_key is not None:
+        _check_secret(r, "command_key_file", command_key)
     for name, path in (("ca_file", ca), ("cert_file", cert)):
         if path is not None and not path.is_file():
             r.error(name, f"{path} does not exist")
@@ -323,6 +345,7 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
         host=host, port=port, protocol=protocol, topic_prefix=prefix, client_id=client_id, username=username,
         password_file=password_file, tls=tls, ca_file=ca, cert_file=cert, key_file=key, keepalive_s=keepalive,
         batch_max=batch_max, batch_delay_s=float(batch_delay), backoff_min_s=float(bmin or 1.0), backoff_max_s=float(bmax or 60.0),
+        drain_rate=float(drain_rate or 0), command_key_file=command_key,
     )
 
 
@@ -557,6 +580,8 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
         devices.append(device)
     if not raw_devices and isinstance(doc.get("devices", []), list):
         errors.append(Problem("devices", "no [[devices]]: a site needs at least one device to poll"))
+    raw_rules = top.get("rules", list, [])
+    raw_actions = top.get("actions", list, [])
     top.finish()
 
     if errors:
@@ -567,7 +592,48 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
     if site is None or uplink is None:  # unreachable: a missing section is an error above
         raise ConfigError(shown, [Problem("site" if site is None else "uplink", "missing")])
     catalogue = tuple(PointInfo(d.name, p.name, p.unit, p.type) for d in devices for p in d.points)
-    return Config(Path(shown), site, uplink, spool, tuple(buses), tuple(devices), catalogue)
+    cfg = Config(Path(shown), site, uplink, spool, tuple(buses), tuple(devices), catalogue)
+    rules = _rules(raw_rules, cfg, errors)
+    actions = _actions(raw_actions, cfg, rules, errors)
+    if errors:
+        locator = Locator(text)
+        raise ConfigError(shown, sorted((Problem(p.path, p.message, locator.line(p.path)) for p in errors), key=lambda p: p.line or 0))
+    return Config(Path(shown), site, uplink, spool, tuple(buses), tuple(devices), catalogue, rules, actions)
+
+
+def _rules(raw: list[Any], cfg: Config, errors: list[Problem]) -> tuple[Any, ...]:
+    from .rules import AlarmEngine, RuleConfigError, order_rules, parse_rule
+
+    configs = []
+    for i, item in enumerate(raw):
+        try:
+            configs.append(parse_rule(item, f"rules[{i}]"))
+        except RuleConfigError as exc:
+            errors.append(Problem(exc.path or f"rules[{i}]", exc.reason))
+    if len(configs) != len(raw):
+        return ()
+    try:
+        order_rules(configs)
+        AlarmEngine(configs, cfg.resolve_point)  # resolves every point name now, not at run time
+    except RuleConfigError as exc:
+        errors.append(Problem(exc.path or "rules", exc.reason))
+        return ()
+    return tuple(configs)
+
+
+def _actions(raw: list[Any], cfg: Config, rules: tuple[Any, ...], errors: list[Problem]) -> tuple[Any, ...]:
+    if not raw:
+        return ()
+    try:
+        from .actions import ActionConfigError, parse_actions
+    except ImportError:  # pragma: no cover - the actions package is part of the tree
+        errors.append(Problem("actions", "this build has no alarm actions"))
+        return ()
+    try:
+        return tuple(parse_actions(raw, "actions", buses={b.name: b.kind for b in cfg.buses}, rule_ids=[r.id for r in rules]))
+    except ActionConfigError as exc:
+        errors.append(Problem(exc.path or "actions", exc.reason))
+        return ()
 
 
 def _check_serial_ports(buses: list[BusConfig], index: dict[str, int], errors: list[Problem]) -> None:

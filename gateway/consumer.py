@@ -32,11 +32,15 @@ def load_schema() -> Any | None:
 
 
 @dataclass
-class SenderState:
-    catalogues: OrderedDict[int, tuple[PointInfo, ...]] = field(default_factory=OrderedDict)
+class SeqState:
     highest: int | None = None
     missing: set[int] = field(default_factory=set)
-    alive_session: int | None = None
+
+
+@dataclass
+class SenderState:
+    catalogues: OrderedDict[int, tuple[PointInfo, ...]] = field(default_factory=OrderedDict)
+    seqs: dict[str, SeqState] = field(default_factory=dict)  # per message type: data and alarm count separately
 
 
 @dataclass
@@ -76,9 +80,24 @@ class Decoder:
                 self._birth(t, state, wire.decode_birth(payload), res)
             elif t.kind == "death":
                 d = wire.decode_death(payload)
-                res.notices.append(f"{t.site}/{t.gateway}: death, session {d.session}, reason {d.reason}")
-            else:
-                self._data(t, state, wire.decode_data(payload), res)
+                res.notices.append(f"{t.site}/{t.gateway}: death, session {d.session}, reason {d.reason}"
+                                   + (f", back at {d.back_at_ms}" if d.back_at_ms else ""))
+            elif t.kind == "data":
+                data = wire.decode_data(payload)
+                duplicate = self._sequence(t, state, "data", data.seq, res)
+                self._records(res, wire.reading_records(t, data, self._catalogue(t, state, data.session, res)), duplicate)
+            elif t.kind == "alarm":
+                alarm = wire.decode_alarm(payload)
+                duplicate = self._sequence(t, state, "alarm", alarm.seq, res)
+                self._records(res, wire.event_records(t, alarm, state.catalogues.get(alarm.session)), duplicate)
+            elif t.kind == "alarms":
+                _, _, states = wire.decode_alarms(payload)
+                active = [f"{a.rule}={wire.LEVEL_NAMES[a.level]}" + ("(latched)" if a.latched else "") + ("(fault)" if a.fault else "")
+                          for a in states if a.level or a.fault]
+                res.notices.append(f"{t.site}/{t.gateway}: alarm state: {', '.join(active) or 'all clear'}")
+            elif t.kind == "reply":
+                request_id, ok, message = wire.decode_reply(payload)
+                res.notices.append(f"{t.site}/{t.gateway}: reply to {request_id}: {'ok' if ok else 'REJECTED'}: {message}")
         except wire.WireError as exc:
             res.notices.append(f"rejected message on {topic}: {exc}")
         return res
@@ -93,31 +112,39 @@ class Decoder:
             + (f", {b.dropped} readings dropped by its spool" if b.dropped else "")
         )
 
-    def _data(self, t: wire.Topic, state: SenderState, d: wire.Data, res: Result) -> None:
-        who = f"{t.site}/{t.gateway}"
-        duplicate = False
-        if state.highest is None or d.seq == state.highest + 1:
-            state.highest = d.seq
-        elif d.seq > state.highest + 1:
-            first, last = state.highest + 1, d.seq - 1
+    def _sequence(self, t: wire.Topic, state: SenderState, kind: str, seq: int, res: Result) -> bool:
+        """Account for one seq; True when it is a duplicate."""
+        who = f"{t.site}/{t.gateway}" + ("" if kind == "data" else f" {kind}")
+        s = state.seqs.setdefault(kind, SeqState())
+        if s.highest is None or seq == s.highest + 1:
+            s.highest = seq
+        elif seq > s.highest + 1:
+            first, last = s.highest + 1, seq - 1
             self.gaps += 1
             res.notices.append(f"{who}: gap: seq {first}..{last} missing ({last - first + 1} messages)")
             if last - first < self.MAX_MISSING:
-                state.missing.update(range(first, last + 1))
-            while len(state.missing) > self.MAX_MISSING:
-                state.missing.discard(min(state.missing))
-            state.highest = d.seq
-        elif d.seq in state.missing:
-            state.missing.discard(d.seq)
-            res.notices.append(f"{who}: late: seq {d.seq} arrived after later ones")
+                s.missing.update(range(first, last + 1))
+            while len(s.missing) > self.MAX_MISSING:
+                s.missing.discard(min(s.missing))
+            s.highest = seq
+        elif seq in s.missing:
+            s.missing.discard(seq)
+            res.notices.append(f"{who}: late: seq {seq} arrived after later ones")
         else:
-            duplicate = True
             self.duplicates += 1
-            res.notices.append(f"{who}: duplicate: seq {d.seq} again")
-        catalogue = state.catalogues.get(d.session)
+            res.notices.append(f"{who}: duplicate: seq {seq} again")
+            return True
+        return False
+
+    def _catalogue(self, t: wire.Topic, state: SenderState, session: int, res: Result) -> tuple[PointInfo, ...] | None:
+        catalogue = state.catalogues.get(session)
         if catalogue is None:
-            res.notices.append(f"{who}: no birth seen for session {d.session}; points shown by index")
-        for rec in wire.reading_records(t, d, catalogue):
+            res.notices.append(f"{t.site}/{t.gateway}: no birth seen for session {session}; points shown by index")
+        return catalogue
+
+    @staticmethod
+    def _records(res: Result, records: Iterable[dict[str, Any]], duplicate: bool) -> None:
+        for rec in records:
             if duplicate:
                 rec["duplicate"] = True
             res.records.append(rec)

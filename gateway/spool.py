@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +38,23 @@ CREATE TABLE IF NOT EXISTS readings (
 
     quality INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS messages (
-    seq INTEGER PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     session INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    ts INTEGER NOT NULL,
+    event BLOB NOT NULL     -- CBOR [kind, rule, old, new, ts, values, message, by]
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,     -- 'alarm' (sent first) or 'data'
+    seq INTEGER NOT NULL,   -- per kind
+    session INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    UNIQUE (kind, seq)
 );
 """
+
+ALARM, DATA = "alarm", "data"
 
 
 class SpoolError(Exception):
@@ -52,6 +63,8 @@ class SpoolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    id: int
+    kind: str  # ALARM or DATA: the MQTT topic it goes to
     seq: int
     session: int
     payload: bytes
@@ -77,7 +90,9 @@ class Spool:
             raise SpoolError(f"spool {path}: cannot open: {exc}") from exc
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"spool {path}: cannot open: {exc}") from exc
-        self._next_seq = self._meta("next_seq", 1)
+        self._next_seq = {DATA: self._meta("next_seq", 1), ALARM: self._meta("next_alarm_seq", 1)}
+        self._backlog_to = 0  # readings with id ≤ this are backlog (spooled before the uplink came up)
+        self.events_waiting = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
         self._appends_since_check = 0
         # PUBACKed seqs whose DELETE waits for the next transaction: one fsync fewer per message.
         # Lost in a power cut, they are only sent again (a flagged duplicate), never lost.
@@ -117,7 +132,9 @@ class Spool:
 
     def pending_sessions(self) -> list[int]:
         """Older sessions that still have data waiting: their births must reach the platform first."""
-        rows = self.db.execute("SELECT session FROM messages UNION SELECT DISTINCT session FROM readings ORDER BY 1").fetchall()
+        rows = self.db.execute(
+            "SELECT session FROM messages UNION SELECT session FROM readings UNION SELECT session FROM events ORDER BY 1"
+        ).fetchall()
         return [r[0] for r in rows]
 
     @property
@@ -138,6 +155,18 @@ class Spool:
         if self._appends_since_check >= 1000:
             self._appends_since_check = 0
             self.enforce_budget()
+
+    def append_events(self, session: int, events: Sequence[wire.Event]) -> None:
+        """Commit alarm events durably. They are never dropped by the budget and are sent before data."""
+        rows = [
+            (session, e.ts_ms, cbor2.dumps([wire.EVENT_KINDS.index(e.kind), e.rule, e.old_level, e.new_level, e.ts_ms,
+                                             {k: wire.wire_value(v) for k, v in e.values.items()}, e.message, e.by or ""],
+                                            canonical=True))
+            for e in events
+        ]
+        with self._tx():
+            self.db.executemany("INSERT INTO events(session, ts, event) VALUES(?, ?, ?)", rows)
+        self.events_waiting += len(rows)
 
     def size_bytes(self) -> int:
         pages = self.db.execute("PRAGMA page_count").fetchone()[0]
@@ -165,43 +194,81 @@ class Spool:
     def backlog(self) -> int:
         return self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
 
-    def unsent(self, after_seq: int = -1, limit: int = 100) -> list[Message]:
-        """Sealed messages not yet acknowledged, oldest first."""
-        rows = self.db.execute(
-            "SELECT seq, session, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit + len(self._acked))
-        )
-        return [Message(*r) for r in rows if r[0] not in self._acked][:limit]
+    def mark_backlog(self) -> int:
+        """Everything spooled so far is backlog (the uplink just connected); returns how many readings."""
+        row = self.db.execute("SELECT max(id), count(*) FROM readings").fetchone()
+        self._backlog_to = row[0] or 0
+        return row[1]
 
-    def seal(self, max_readings: int, *, now_ms: int, historical_after_ms: int) -> Message | None:
-        """Turn the oldest readings (of one session) into the next data message, atomically."""
+    def unsent(self, limit: int = 100, *, exclude: Collection[int] = ()) -> list[Message]:
+        """Sealed messages not yet acknowledged: alarms first, then data, each oldest first."""
+        skip = self._acked | set(exclude)
+        rows = self.db.execute(
+            "SELECT id, kind, seq, session, payload FROM messages ORDER BY kind = 'data', id LIMIT ?", (limit + len(skip),)
+        )
+        return [m for m in (Message(*r) for r in rows) if m.id not in skip][:limit]
+
+    def seal_alarms(self, max_events: int, *, now_ms: int, historical_after_ms: int) -> Message | None:
+        """Turn the oldest pending events (of one session) into the next alarm message, atomically."""
         with self._tx():
             self._flush_acked()
-            rows = self.db.execute("SELECT id, session, point, ts, value, quality FROM readings ORDER BY id LIMIT ?", (max_readings,)).fetchall()
+            rows = self.db.execute("SELECT id, session, event FROM events ORDER BY id LIMIT ?", (max_events,)).fetchall()
+            if not rows:
+                return None
+            session = rows[0][1]
+            rows = [r for r in rows if r[1] == session]
+            events = []
+            for _, _, blob in rows:
+                kind, rule, old, new, ts, values, message, by = cbor2.loads(blob)
+                events.append(wire.Event(wire.EVENT_KINDS[kind], rule, old, new, ts, {k: wire.decode_value(v) for k, v in values.items()}, message, by or None))
+            seq = self._next_seq[ALARM]
+            newest = max(e.ts_ms for e in events)
+            payload = wire.encode_alarm(session, seq, events, historical=now_ms - newest > historical_after_ms)
+            cur = self.db.execute("INSERT INTO messages(kind, seq, session, payload) VALUES(?, ?, ?, ?)", (ALARM, seq, session, payload))
+            self.db.executemany("DELETE FROM events WHERE id = ?", [(r[0],) for r in rows])
+            self._set_meta("next_alarm_seq", seq + 1)
+        self._next_seq[ALARM] = seq + 1
+        self.events_waiting -= len(rows)
+        return Message(cur.lastrowid or 0, ALARM, seq, session, payload)
+
+    def seal(self, max_readings: int, *, now_ms: int, historical_after_ms: int, live: bool = False) -> Message | None:
+        """Turn readings (of one session) into the next data message, atomically.
+
+        `live=False` takes the oldest readings (the backlog lane); `live=True` takes the oldest of those
+        spooled since `mark_backlog()`, so fresh readings keep flowing while a backlog drains.
+        """
+        where = "WHERE id > ?" if live else "WHERE id <= ?" if self._backlog_to else ""
+        params: tuple[int, ...] = (self._backlog_to,) if where else ()
+        with self._tx():
+            self._flush_acked()
+            rows = self.db.execute(
+                f"SELECT id, session, point, ts, value, quality FROM readings {where} ORDER BY id LIMIT ?", (*params, max_readings)
+            ).fetchall()
             if not rows:
                 return None
             session = rows[0][1]
             if rows[-1][1] != session:
                 rows = [r for r in rows if r[1] == session]
             readings = [Reading(p, ts, _load(v), q) for _, _, p, ts, v, q in rows]
-            seq = self._next_seq
+            seq = self._next_seq[DATA]
             newest = max(r.ts_ms for r in readings)
             payload = wire.encode_data(session, seq, readings, historical=now_ms - newest > historical_after_ms)
-            self.db.execute("INSERT INTO messages(seq, session, payload) VALUES(?, ?, ?)", (seq, session, payload))
+            cur = self.db.execute("INSERT INTO messages(kind, seq, session, payload) VALUES(?, ?, ?, ?)", (DATA, seq, session, payload))
             self.db.execute("DELETE FROM readings WHERE id BETWEEN ? AND ? AND session = ?", (rows[0][0], rows[-1][0], session))
             self._set_meta("next_seq", seq + 1)
-        self._next_seq = seq + 1
-        return Message(seq, session, payload)
+        self._next_seq[DATA] = seq + 1
+        return Message(cur.lastrowid or 0, DATA, seq, session, payload)
 
-    def delivered(self, seq: int) -> None:
+    def delivered(self, message_id: int) -> None:
         """The broker acknowledged this message: forget it (deleted with the next transaction)."""
-        self._acked.add(seq)
+        self._acked.add(message_id)
         if len(self._acked) >= 256:
             with self._tx():
                 self._flush_acked()
 
     def _flush_acked(self) -> None:
         if self._acked:
-            self.db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in self._acked])
+            self.db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in self._acked])
             self._acked.clear()
 
 

@@ -46,12 +46,28 @@ K_BACK_AT = 12
 K_KIND = 13
 K_REASON = 14
 
+K_EVENTS = 15
+K_ALARMS = 16
+K_COMMAND = 20
+K_RULE = 21
+K_BY = 22
+K_ID = 23
+K_TS = 24
+K_MAC = 25
+K_OK = 26
+K_MESSAGE = 27
+
+# alarm event kinds, in wire order
+EVENT_KINDS = ("raised", "escalated", "de_escalated", "cleared", "acknowledged", "fault", "fault_cleared",
+               "actuator_fault", "actuator_ok")
+LEVEL_NAMES = ("none", "IV_blue", "III_yellow", "II_orange", "I_red")
+
 DEATH_CLEAN = 0
 DEATH_LOST = 1
 DEATH_SLEEPING = 2
 DEATH_REASONS = {DEATH_CLEAN: "clean", DEATH_LOST: "lost", DEATH_SLEEPING: "sleeping"}
 
-MESSAGE_TYPES = ("birth", "data", "death")
+MESSAGE_TYPES = ("birth", "data", "death", "alarm", "alarms", "cmd", "reply")
 
 
 class WireError(ValueError):
@@ -77,7 +93,7 @@ def topic(prefix: str, site: str, gateway: str, kind: str) -> str:
 
 
 def parse_topic(name: str) -> Topic:
-    """Split `<prefix…>/<site>/<gateway>/<kind>`; the prefix may itself contain slashes."""
+    """Split `<prefix…>/<site>/<gateway>/<type>`; the prefix may itself contain slashes."""
     parts = name.split("/")
     if len(parts) < 4 or parts[-1] not in MESSAGE_TYPES:
         raise WireError(f"topic {name!r}: expected <prefix>/<site>/<gateway>/<{'|'.join(MESSAGE_TYPES)}>")
@@ -189,6 +205,71 @@ def encode_death(*, session: int, reason: int, ts_ms: int | None = None, back_at
     return cbor2.dumps(msg, canonical=True)
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One alarm state change (or actuator fault) as it travels on the wire."""
+
+    kind: str  # one of EVENT_KINDS
+    rule: str  # rule id, or the action name for actuator events
+    old_level: int
+    new_level: int
+    ts_ms: int
+    values: dict[int, Value]  # catalogue index → triggering value
+    message: str
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmStatus:
+    rule: str
+    level: int
+    condition: int
+    latched: bool
+    acked: bool
+    fault: bool
+    since_ms: int | None
+    fault_reason: str | None
+
+
+def encode_alarm(session: int, seq: int, events: Sequence[Event], *, historical: bool = False) -> bytes:
+    """One alarm message: events in the order they happened (their own seq space, separate from data)."""
+    if not events:
+        raise WireError("alarm message with no events")
+    t0 = min(e.ts_ms for e in events)
+    body = [
+        [EVENT_KINDS.index(e.kind), e.rule, e.old_level, e.new_level, e.ts_ms - t0,
+         {k: wire_value(v) for k, v in e.values.items()}, e.message, e.by or ""]
+        for e in events
+    ]
+    msg: dict[int, Any] = {K_VERSION: FORMAT_VERSION, K_SESSION: session, K_SEQ: seq, K_T0: t0, K_EVENTS: body}
+    if historical:
+        msg[K_HISTORICAL] = True
+    return cbor2.dumps(msg, canonical=True)
+
+
+def encode_alarms(session: int, ts_ms: int, states: Sequence[AlarmStatus]) -> bytes:
+    """The retained snapshot of every alarm's current state."""
+    body = [[a.rule, a.level, a.condition, a.latched, a.acked, a.fault, a.since_ms or 0, a.fault_reason or ""] for a in states]
+    return cbor2.dumps({K_VERSION: FORMAT_VERSION, K_SESSION: session, K_T0: ts_ms, K_ALARMS: body}, canonical=True)
+
+
+def command_body(command: str, rule: str, by: str, request_id: str, ts_ms: int) -> dict[int, Any]:
+    return {K_VERSION: FORMAT_VERSION, K_COMMAND: command, K_RULE: rule, K_BY: by, K_ID: request_id, K_TS: ts_ms}
+
+
+def sign_command(body: dict[int, Any], key: bytes) -> bytes:
+    """A command with its HMAC-SHA256 (key 25) over the deterministic encoding of everything else."""
+    import hashlib
+    import hmac
+
+    unsigned = cbor2.dumps(body, canonical=True)
+    return cbor2.dumps({**body, K_MAC: hmac.new(key, unsigned, hashlib.sha256).digest()}, canonical=True)
+
+
+def encode_reply(request_id: str | None, ok: bool, message: str) -> bytes:
+    return cbor2.dumps({K_VERSION: FORMAT_VERSION, K_ID: request_id, K_OK: ok, K_MESSAGE: message}, canonical=True)
+
+
 # ---------------------------------------------------------------- decoding
 
 
@@ -298,6 +379,87 @@ def decode_data(payload: bytes) -> Data:
     return Data(session=session, seq=seq, historical=bool(msg.get(K_HISTORICAL, False)), readings=tuple(readings))
 
 
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    session: int
+    seq: int
+    historical: bool
+    events: tuple[Event, ...]
+
+
+def decode_alarm(payload: bytes) -> Alarm:
+    msg = _load_map(payload, "alarm")
+    seq = _require(msg, K_SEQ, int, "alarm")
+    t0 = _require(msg, K_T0, int, "alarm")
+    events = []
+    for i, e in enumerate(_require(msg, K_EVENTS, list, "alarm")):
+        where = f"alarm seq {seq} event {i}"
+        if not isinstance(e, list) or len(e) != 8:
+            raise WireError(f"{where}: expected [kind, rule, old, new, dt, values, message, by]")
+        kind, rule, old, new, dt, values, message, by = e
+        if not (isinstance(kind, int) and 0 <= kind < len(EVENT_KINDS)):
+            raise WireError(f"{where}: unknown event kind {kind!r}")
+        if not (isinstance(rule, str) and isinstance(values, dict) and isinstance(message, str)):
+            raise WireError(f"{where}: wrong element types")
+        events.append(Event(EVENT_KINDS[kind], rule, old, new, t0 + dt, {k: decode_value(v) for k, v in values.items()}, message, by or None))
+    return Alarm(_require(msg, K_SESSION, int, "alarm"), seq, bool(msg.get(K_HISTORICAL, False)), tuple(events))
+
+
+def decode_alarms(payload: bytes) -> tuple[int, int, tuple[AlarmStatus, ...]]:
+    """(session, ts_ms, states) of a retained snapshot."""
+    msg = _load_map(payload, "alarms")
+    states = []
+    for i, a in enumerate(_require(msg, K_ALARMS, list, "alarms")):
+        if not isinstance(a, list) or len(a) != 8 or not isinstance(a[0], str):
+            raise WireError(f"alarms: entry {i} is not [rule, level, condition, latched, acked, fault, since, reason]")
+        rule, level, condition, latched, acked, fault, since, reason = a
+        states.append(AlarmStatus(rule, level, condition, latched, acked, fault, since or None, reason or None))
+    return _require(msg, K_SESSION, int, "alarms"), _require(msg, K_T0, int, "alarms"), tuple(states)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    command: str
+    rule: str
+    by: str
+    request_id: str
+    ts_ms: int
+
+
+def decode_command(payload: bytes, key: bytes | None, *, now_ms: int, max_skew_ms: int = 300_000) -> Command:
+    """Validate a command: structure, signature, freshness. Raises WireError saying what is wrong."""
+    import hashlib
+    import hmac
+
+    msg = _load_map(payload, "command")
+    request_id = msg.get(K_ID)
+    body = {k: v for k, v in msg.items() if k != K_MAC}
+    for key_, typ, name in ((K_COMMAND, str, "command"), (K_RULE, str, "rule"), (K_BY, str, "by"), (K_ID, str, "id"), (K_TS, int, "ts")):
+        if not isinstance(msg.get(key_), typ) or isinstance(msg.get(key_), bool):
+            raise WireError(f"command {request_id!r}: field {name} (key {key_}) missing or not a {typ.__name__}")
+    unknown = set(msg) - {K_VERSION, K_COMMAND, K_RULE, K_BY, K_ID, K_TS, K_MAC}
+    if unknown:
+        raise WireError(f"command {request_id!r}: unknown keys {sorted(unknown)}")
+    if msg[K_COMMAND] != "ack":
+        raise WireError(f"command {request_id!r}: unknown command {msg[K_COMMAND]!r} (known: ack)")
+    if not msg[K_BY].strip() or len(msg[K_BY]) > 64 or len(request_id) > 64:
+        raise WireError(f"command {request_id!r}: 'by' must name who acknowledges (1..64 characters), id at most 64")
+    if key is None:
+        raise WireError(f"command {request_id!r}: unauthorised: this gateway accepts no remote commands (no uplink.command_key_file)")
+    mac = msg.get(K_MAC)
+    expected = hmac.new(key, cbor2.dumps(body, canonical=True), hashlib.sha256).digest()
+    if not isinstance(mac, bytes) or not hmac.compare_digest(mac, expected):
+        raise WireError(f"command {request_id!r}: unauthorised: bad or missing signature")
+    if abs(msg[K_TS] - now_ms) > max_skew_ms:
+        raise WireError(f"command {request_id!r}: stale or future timestamp ({(msg[K_TS] - now_ms) / 1000:+.0f} s from the gateway's clock)")
+    return Command(msg[K_COMMAND], msg[K_RULE], msg[K_BY], request_id, msg[K_TS])
+
+
+def decode_reply(payload: bytes) -> tuple[str | None, bool, str]:
+    msg = _load_map(payload, "reply")
+    return msg.get(K_ID), bool(msg.get(K_OK)), str(msg.get(K_MESSAGE, ""))
+
+
 # ---------------------------------------------------------------- presentation
 
 
@@ -308,6 +470,22 @@ def json_value(v: Value) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def event_records(topic_: Topic, alarm: Alarm, catalogue: Sequence[PointInfo] | None) -> Iterable[dict[str, Any]]:
+    """Flatten an alarm message into one dict per event (what `yujing consume` prints)."""
+    for e in alarm.events:
+        values = {}
+        for idx, v in e.values.items():
+            info = catalogue[idx] if catalogue is not None and 0 <= idx < len(catalogue) else None
+            values[f"{info.device}.{info.name}" if info else str(idx)] = json_value(v)
+        yield {
+            "site": topic_.site, "gateway": topic_.gateway, "alarm": e.kind, "rule": e.rule,
+            "level": LEVEL_NAMES[e.new_level] if 0 <= e.new_level < len(LEVEL_NAMES) else e.new_level,
+            "old_level": LEVEL_NAMES[e.old_level] if 0 <= e.old_level < len(LEVEL_NAMES) else e.old_level,
+            "ts": e.ts_ms, "values": values, "message": e.message, "by": e.by,
+            "session": alarm.session, "seq": alarm.seq, **({"historical": True} if alarm.historical else {}),
+        }
 
 
 def reading_records(

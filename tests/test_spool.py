@@ -27,7 +27,7 @@ def test_seal_deliver_and_resend(tmp_path: Path) -> None:
     assert (m1.seq, m2.seq) == (1, 2)
     assert [r.value for r in wire.decode_data(m1.payload).readings] == [0, 1, 2, 3]
     assert s.backlog() == 2
-    s.delivered(1)
+    s.delivered(m1.id)
     assert [m.seq for m in s.unsent()] == [2]  # not acknowledged: sent again, same bytes
     assert s.unsent()[0].payload == m2.payload
 
@@ -36,8 +36,9 @@ def test_counters_survive_restart_and_never_reuse(tmp_path: Path) -> None:
     s = Spool(tmp_path / "s.db")
     assert s.start_session(CAT, T) == 1
     s.append(1, [Reading(0, T, 1)])
-    assert s.seal(10, now_ms=T, historical_after_ms=1).seq == 1
-    s.delivered(1)
+    m = s.seal(10, now_ms=T, historical_after_ms=1)
+    assert m.seq == 1
+    s.delivered(m.id)
     s.close()
     s = Spool(tmp_path / "s.db")
     assert s.start_session(CAT, T) == 2
@@ -146,7 +147,7 @@ def test_acknowledged_messages_are_not_resent_even_before_their_delete_commits(t
     s.start_session(CAT, T)
     s.append(1, [Reading(0, T, 1)])
     m = s.seal(10, now_ms=T, historical_after_ms=1)
-    s.delivered(m.seq)
+    s.delivered(m.id)
     assert s.unsent() == []
     s.close()
     assert Spool(tmp_path / "s.db").unsent() == []  # close() commits the pending deletes

@@ -16,7 +16,7 @@ from .common import CommonConfig, FaultConfig, LevelSpec, PointConfig, WindowCon
 from .engine import AlarmEngine
 from .errors import RuleConfigError, RuleStateError, UnknownRuleError
 from .levels import LEVEL_KINDS, AlarmState, Level, Transition, TransitionKind
-from .registry import kinds, parse_rule, parse_rules
+from .registry import kinds, order_rules, parse_rule, parse_rules
 from .state import FileStateStore, MemoryStateStore, StateStore
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "UnknownRuleError",
     "WindowConfig",
     "kinds",
+    "order_rules",
     "parse_rule",
     "parse_rules",
 ]

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +87,30 @@ class Backoff:
         self.attempt = 0
 
 
+class TokenBucket:
+    """Limits the backlog lane to `rate` readings per second (0: unlimited), on the injected clock."""
+
+    def __init__(self, rate: float, clock: Clock) -> None:
+        self.rate, self.clock = rate, clock
+        self.tokens, self.at = rate, clock.monotonic()
+
+    def wait_s(self, n: int) -> float:
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return 0.0 if self.tokens >= min(n, self.rate) else (min(n, self.rate) - self.tokens) / self.rate
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+
+
+CommandHandler = Callable[[bytes], bytes]  # command payload → reply payload
+
+
 class Uplink:
-    WINDOW = 32  # data messages in flight at once
+    WINDOW = 32  # messages in flight at once
 
     def __init__(
         self,
@@ -99,6 +122,7 @@ class Uplink:
         *,
         rng: random.Random | None = None,
         historical_after_s: float = 60.0,
+        commands: CommandHandler | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -107,13 +131,22 @@ class Uplink:
         self.clock = clock
         self.rng = rng or random.Random()
         self.historical_after_ms = int(historical_after_s * 1000)
+        self.commands = commands
         self.wake = asyncio.Event()
         self.connected = False
         self.published = 0
         self.acked = 0
+        self._alarm_state: bytes | None = None  # latest retained snapshot to publish
+        self._alarm_state_sent: bytes | None = None
+        self._bucket = TokenBucket(cfg.drain_rate, clock)
 
     def topic(self, kind: str) -> str:
         return wire.topic(self.cfg.topic_prefix, self.identity.site, self.identity.gateway, kind)
+
+    def alarm_state(self, payload: bytes) -> None:
+        """Publish this (retained) alarm snapshot as soon as connected; only the latest counts."""
+        self._alarm_state = payload
+        self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, drain, reconnect with backoff, until `stop` is set; then say goodbye (death, clean)."""
@@ -124,12 +157,19 @@ class Uplink:
                 async with make_client(self.cfg, will) as client:
                     self.connected = True
                     backoff.reset()
-                    log.info("broker %s:%d connected (session %d)", self.cfg.host, self.cfg.port, self.session)
+                    backlog = self.spool.mark_backlog()
+                    log.info("broker %s:%d connected (session %d)%s", self.cfg.host, self.cfg.port, self.session,
+                             f"; {backlog} readings of backlog to send" if backlog > self.cfg.batch_max else "")
                     await self._births(client)
-                    await self._drain(client, stop)
+                    self._alarm_state_sent = None
+                    async with asyncio.TaskGroup() as tg:
+                        listener = tg.create_task(self._listen(client), name="uplink-commands")
+                        await self._drain(client, stop)
+                        listener.cancel()
                     await self._goodbye(client)
                     return
-            except aiomqtt.MqttError as exc:
+            except* aiomqtt.MqttError as group:
+                exc = group.exceptions[0]
                 if self.connected:
                     log.warning("broker %s:%d lost: %s", self.cfg.host, self.cfg.port, exc)
                 else:
@@ -142,6 +182,15 @@ class Uplink:
                 await asyncio.wait_for(stop.wait(), delay)
             except TimeoutError:
                 pass
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        """Commands to this gateway: each gets a reply; nothing the command says is trusted unchecked."""
+        if self.commands is None:
+            return
+        await client.subscribe(self.topic("cmd"), qos=1)
+        async for message in client.messages:
+            reply = self.commands(bytes(message.payload))
+            await client.publish(self.topic("reply"), reply, qos=1)
 
     async def _births(self, client: aiomqtt.Client) -> None:
         for session in self.spool.pending_sessions():
@@ -157,20 +206,46 @@ class Uplink:
             software=self.identity.software, catalogue=catalogue, dropped=self.spool.dropped,
         )
 
+    def _next(self, sent: set[int]) -> tuple[list[Message], float]:
+        """What to publish next, in priority order: re-sends and alarms, live data, then backlog.
+
+        Returns (messages, seconds to wait before the backlog may go on) — the wait is 0 unless the
+        drain rate holds the backlog back.
+        """
+        now = self.clock.time_ms()
+        if self.spool.events_waiting:
+            self.spool.seal_alarms(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms)
+        batch = self.spool.unsent(limit=self.WINDOW, exclude=sent)  # alarms first, then unacknowledged data
+        if batch:
+            return batch, 0.0
+        m = self.spool.seal(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms, live=True)
+        if m is not None:
+            return [m], 0.0
+        wait = self._bucket.wait_s(self.cfg.batch_max)
+        if wait > 0:
+            return [], wait
+        m = self.spool.seal(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms)
+        if m is None:
+            return [], 0.0
+        if self.cfg.drain_rate:
+            self._bucket.take(wire.decode_data(m.payload).readings.__len__())
+        return [m], 0.0
+
     async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        sent_upto = 0
+        sent: set[int] = set()  # published on this connection, PUBACK pending
         inflight: set[asyncio.Task[Any]] = set()
         failure: list[BaseException] = []
 
         async def send(m: Message) -> None:
             try:
-                await client.publish(self.topic("data"), m.payload, qos=1)
+                await client.publish(self.topic(m.kind), m.payload, qos=1)
             except aiomqtt.MqttError as exc:
                 failure.append(exc)
                 self.wake.set()
                 return
             self.acked += 1
-            self.spool.delivered(m.seq)
+            self.spool.delivered(m.id)
+            sent.discard(m.id)
 
         try:
             while True:
@@ -182,28 +257,29 @@ class Uplink:
                         await asyncio.wait(inflight, timeout=2.0)
                     return
                 self.wake.clear()  # before looking, so a reading spooled after the look wakes us
-                batch = self.spool.unsent(after_seq=sent_upto, limit=self.WINDOW)
-                if not batch:
-                    sealed = self.spool.seal(self.cfg.batch_max, now_ms=self.clock.time_ms(), historical_after_ms=self.historical_after_ms)
-                    batch = [sealed] if sealed else []
+                if self._alarm_state is not None and self._alarm_state != self._alarm_state_sent:
+                    self._alarm_state_sent = self._alarm_state
+                    await client.publish(self.topic("alarms"), self._alarm_state, qos=1, retain=True)
+                batch, hold = self._next(sent)
+                for m in batch:
+                    while len(inflight) >= self.WINDOW:
+                        await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                        if failure:
+                            raise failure[0]
+                    sent.add(m.id)
+                    task = asyncio.create_task(send(m), name=f"publish-{m.kind}-{m.seq}")
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+                    self.published += 1
                 if batch:
-                    for m in batch:
-                        while len(inflight) >= self.WINDOW:
-                            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                            if failure:
-                                raise failure[0]
-                        task = asyncio.create_task(send(m), name=f"publish-seq-{m.seq}")
-                        inflight.add(task)
-                        task.add_done_callback(inflight.discard)
-                        sent_upto = m.seq
-                        self.published += 1
                     continue
                 waiter = asyncio.create_task(self.wake.wait())
                 stopper = asyncio.create_task(stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=hold if hold > 0 else None)
                 waiter.cancel()
                 stopper.cancel()
-                if not stop.is_set() and self.cfg.batch_delay_s:
+                if hold <= 0 and not stop.is_set() and self.cfg.batch_delay_s and not self.spool.events_waiting:
                     await self.clock.sleep(self.cfg.batch_delay_s)  # let a poll round land in one message
         finally:
             for t in inflight:
