@@ -59,6 +59,7 @@ class AlarmDesk:
         self._unstored: deque[wire.Event] = deque(maxlen=MAX_UNSTORED_EVENTS)
         self._seen_commands: deque[str] = deque(maxlen=1024)
         self.transitions = 0
+        self._published_states: list[wire.AlarmStatus] = []
         if self.outputs is not None:
             self.outputs.update(self.levels(), [])  # restored latched alarms drive their outputs at once
 
@@ -81,6 +82,9 @@ class AlarmDesk:
             self._handle(out)
         elif self._unstored:
             self._store([])
+        # A latch holding the level while the condition falls changes the state without a transition.
+        if self.publish_state is not None and self._states() != self._published_states:
+            self._publish_state()
 
     def acknowledge(self, rule: str, by: str) -> tuple[bool, str]:
         try:
@@ -109,12 +113,19 @@ class AlarmDesk:
         log.info("command %s (%s %s by %s): %s", cmd.request_id, cmd.command, cmd.rule, cmd.by, message)
         return wire.encode_reply(cmd.request_id, ok, message)
 
-    def state_payload(self) -> bytes:
-        states = [
+    def _states(self) -> list[wire.AlarmStatus]:
+        return [
             wire.AlarmStatus(s.rule, int(s.level), int(s.condition), s.latched, s.acked, s.fault, s.since_ms, s.fault_reason)
             for s in self.engine.snapshot().values()
         ]
-        return wire.encode_alarms(self.session, self.clock.time_ms(), states)
+
+    def state_payload(self) -> bytes:
+        return wire.encode_alarms(self.session, self.clock.time_ms(), self._states())
+
+    def _publish_state(self) -> None:
+        if self.publish_state is not None:
+            self._published_states = self._states()
+            self.publish_state(wire.encode_alarms(self.session, self.clock.time_ms(), self._published_states))
 
     def actuator_event(self, event: wire.Event) -> None:
         """An output failed or recovered: spooled and published like an alarm transition."""
@@ -130,8 +141,7 @@ class AlarmDesk:
         for t in transitions:
             log.warning("alarm %s %s: %s -> %s: %s", t.rule, t.kind, t.old_level.name, t.new_level.name, t.message)
         self._store([to_wire_event(t) for t in transitions])
-        if self.publish_state is not None:
-            self.publish_state(self.state_payload())
+        self._publish_state()
 
     def _store(self, events: list[wire.Event]) -> None:
         pending = list(self._unstored) + events

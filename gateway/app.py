@@ -130,7 +130,7 @@ class Gateway:
         if self.outputs is not None:
             self.outputs.on_event = lambda e: desk.actuator_event(wire.Event(e.kind, e.action, 0, 0, e.ts_ms, {}, e.message))
         uplink.commands = desk.handle_command
-        uplink.alarm_state(desk.state_payload())
+        desk.tick()  # publishes the restored state (latched alarms survive restarts)
         control = ControlServer(cfg.state_dir / "control.sock", desk)
         await control.start()
         log.info("%d alarm rules, %d actions; acknowledge locally with: yujing ack %s RULE --by NAME",

@@ -164,3 +164,64 @@ def test_a_second_gateway_cannot_share_the_spool(tmp_path: Path) -> None:
         Spool(tmp_path / "s.db")
     first.close()
     Spool(tmp_path / "s.db").close()
+
+
+def _event(ts: int, rule: str = "gas.z1", kind: str = "raised") -> wire.Event:
+    return wire.Event(kind, rule, 0, 3, ts, {0: 52}, f"{rule} {kind}")
+
+
+def test_alarm_events_go_first_in_their_own_sequence(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    s.append(1, [Reading(0, T + i, i) for i in range(10)])
+    data = s.seal(5, now_ms=T, historical_after_ms=60_000)
+    s.append_events(1, [_event(T + 1), _event(T + 2, kind="escalated")])
+    alarm = s.seal_alarms(100, now_ms=T + 3, historical_after_ms=60_000)
+    assert (data.kind, data.seq, alarm.kind, alarm.seq) == ("data", 1, "alarm", 1)
+    assert [m.kind for m in s.unsent()] == ["alarm", "data"]
+    decoded = wire.decode_alarm(alarm.payload)
+    assert [e.kind for e in decoded.events] == ["raised", "escalated"] and not decoded.historical
+    assert s.events_waiting == 0
+
+
+def test_budget_never_drops_alarm_events(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.db", max_bytes=1024 * 1024)
+    s.start_session(CAT, T)
+    s.append_events(1, [_event(T + i) for i in range(200)])
+    for i in range(60):
+        s.append(1, [Reading(0, T + i * 1000 + j, j) for j in range(1000)])
+    s.enforce_budget()
+    assert s.dropped > 0
+    assert s.events_waiting == 200
+    assert len(wire.decode_alarm(s.seal_alarms(1000, now_ms=T, historical_after_ms=10**9).payload).events) == 200
+
+
+def test_live_lane_skips_the_backlog(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    s.append(1, [Reading(0, T + i, i) for i in range(100)])  # spooled during an outage
+    assert s.mark_backlog() == 100
+    s.append(1, [Reading(0, T + 10_000_000, 999)])  # live, after the link came back
+    live = wire.decode_data(s.seal(50, now_ms=T + 10_000_000, historical_after_ms=60_000, live=True).payload)
+    assert [r.value for r in live.readings] == [999] and not live.historical
+    old = wire.decode_data(s.seal(50, now_ms=T + 10_000_000, historical_after_ms=60_000).payload)
+    assert [r.value for r in old.readings] == list(range(50)) and old.historical
+    assert s.seal(50, now_ms=T, historical_after_ms=1, live=True) is None
+
+
+def test_a_full_disk_is_a_clear_error_and_loses_nothing_already_stored(tmp_path: Path) -> None:
+    import pytest
+
+    from gateway.spool import SpoolError
+
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    s.append(1, [Reading(0, T, 1)])
+    pages = s.db.execute("PRAGMA page_count").fetchone()[0]
+    s.db.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLite's own "database or disk is full"
+    with pytest.raises(SpoolError, match=rf"spool {tmp_path / 's.db'}: .*full"):
+        for i in range(1000):
+            s.append(1, [Reading(0, T + i, bytes(100).hex() and i) for _ in range(50)])
+    s.db.execute("PRAGMA max_page_count = 1000000")
+    assert s.backlog() >= 1
+    assert wire.decode_data(s.seal(1, now_ms=T, historical_after_ms=1).payload).readings[0].value == 1

@@ -1,0 +1,182 @@
+"""Local alarms end to end: real pymodbus detector, real mosquitto (stopped and restarted), the gateway's
+alarm desk, spooled alarm events, retained state, signed MQTT acknowledgements and the local socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiomqtt
+import pycddl
+
+from gateway import wire
+from gateway.alarms import control_request
+from gateway.app import Gateway
+from gateway.rules import Level
+from gateway.sim.devices import SimServer, SimSlave
+from tests.conftest import free_port
+
+from .e2e import collecting, running, site
+
+ROOT = Path(__file__).parent.parent
+SCHEMA = pycddl.Schema((ROOT / "docs" / "wire-format.cddl").read_text())
+KEY = b"0123456789abcdef0123456789abcdef"
+
+GAS = """
+[[buses]]
+name = "plc"
+type = "tcp"
+host = "127.0.0.1"
+port = {port}
+
+[[devices]]
+name = "lel1"
+bus = "plc"
+unit = 1
+interval_s = 0.2
+  [[devices.points]]
+  name = "conc"
+  address = 0
+  scale = 0.1
+  unit = "%LEL"
+
+[[rules]]
+kind = "threshold"
+id = "gas.lel1"
+point = "lel1.conc"
+direction = "high"
+latch = true
+levels = [ {{ level = "III_YELLOW", set = 25, clear = 23 }}, {{ level = "II_ORANGE", set = 50, clear = 48 }} ]
+"""
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+def _gas_site(broker_port: int, tmp_path: Path, modbus_port: int):  # type: ignore[no-untyped-def]
+    key = tmp_path / "command.key"
+    key.write_bytes(KEY)
+    os.chmod(key, 0o600)
+    return site(broker_port, tmp_path, GAS.format(port=modbus_port), uplink_extra='command_key_file = "command.key"')
+
+
+async def test_gas_ramp_with_broker_down_then_events_in_order_and_signed_ack(private_mosquitto, tmp_path: Path) -> None:
+    port = free_port()
+    server = SimServer([SimSlave(1)], tcp=("127.0.0.1", port))
+    await server.start()
+    cfg = _gas_site(private_mosquitto.port, tmp_path, port)
+    point = cfg.devices[0].points[0]
+    await server.set_point(1, point, 10)
+    private_mosquitto.stop()
+    try:
+        async with running(Gateway(cfg)) as gw:
+            await _until(lambda: gw.desk is not None and gw.readings > 0)
+            for value in (18, 26, 38, 52.5, 20):  # up through yellow and orange, then back down
+                await server.set_point(1, point, value)
+                await asyncio.sleep(0.5)
+            engine = gw.desk.engine
+            state = engine.snapshot()["gas.lel1"]
+            assert (state.level, state.latched) == (Level.II_ORANGE, True), state  # latched: gas alarms need an ack
+            assert gw.spool.events_waiting >= 2  # held while the broker is down
+            private_mosquitto.start()
+            async with collecting(private_mosquitto.port) as col:
+                await col.wait_for(lambda c: len([r for r in c.records if "alarm" in r]) >= 2, timeout=15)
+                # the retained state follows the latch (the condition fell, the level held) within a tick
+                await col.wait_for(lambda c: any(t.endswith("/alarms") and wire.decode_alarms(p)[2][0].latched for t, p in c.payloads))
+                events = [r for r in col.records if "alarm" in r]
+                assert [(e["alarm"], e["level"]) for e in events[:2]] == [("raised", "III_yellow"), ("escalated", "II_orange")]
+                assert events[1]["values"] == {"lel1.conc": 52.5}
+                _, _, states = wire.decode_alarms([p for t, p in col.payloads if t.endswith("/alarms")][-1])
+                assert [(a.rule, a.level, a.latched) for a in states] == [("gas.lel1", 3, True)]
+
+                prefix = "yujing/v1/TEST-01/gw1"
+                replies: list[tuple[str | None, bool, str]] = []
+                async with aiomqtt.Client("127.0.0.1", private_mosquitto.port) as client:
+                    await client.subscribe(f"{prefix}/reply", qos=1)
+
+                    async def command(payload: bytes) -> tuple[str | None, bool, str]:
+                        await client.publish(f"{prefix}/cmd", payload, qos=1)
+                        async with asyncio.timeout(5):
+                            async for m in client.messages:
+                                return wire.decode_reply(bytes(m.payload))
+                        raise AssertionError("no reply")
+
+                    now = gw.clock.time_ms()
+                    replies.append(await command(b"\xa1\x00"))  # malformed
+                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "mallory", "r1", now), b"x" * 32)))
+                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.nope", "li", "r2", now), KEY)))
+                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "li", "r3", now - 3_600_000), KEY)))
+                    assert engine.snapshot()["gas.lel1"].level == Level.II_ORANGE  # nothing rejected changed anything
+                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "li", "r4", now), KEY)))
+                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "li", "r4", now), KEY)))
+                await col.wait_for(lambda c: any(r.get("alarm") == "cleared" for r in c.records))
+    finally:
+        await server.stop()
+    assert replies[0][1] is False and "command" in replies[0][2]
+    assert replies[1] == ("r1", False, "command 'r1': unauthorised: bad or missing signature")
+    assert replies[2][0] == "r2" and not replies[2][1] and "no alarm rule 'gas.nope'" in replies[2][2]
+    assert replies[3][0] == "r3" and not replies[3][1] and "stale or future timestamp" in replies[3][2]
+    assert replies[4][:2] == ("r4", True) and "acknowledged by li" in replies[4][2]
+    assert replies[5][:2] == ("r4", False) and "replayed" in replies[5][2]
+    kinds = [r["alarm"] for r in col.records if "alarm" in r]
+    assert kinds[:2] == ["raised", "escalated"] and kinds[-2:] == ["acknowledged", "cleared"]
+    alarm_seqs = [r["seq"] for r in col.records if "alarm" in r]
+    assert alarm_seqs == sorted(alarm_seqs)
+    for topic, payload in col.payloads:
+        if not topic.endswith("/cmd"):
+            SCHEMA.validate_cbor(payload)
+
+
+async def test_latch_survives_restart_and_local_ack_clears_it(mosquitto, tmp_path: Path) -> None:
+    port = free_port()
+    server = SimServer([SimSlave(1)], tcp=("127.0.0.1", port))
+    await server.start()
+    cfg = _gas_site(mosquitto.port, tmp_path, port)
+    point = cfg.devices[0].points[0]
+    try:
+        await server.set_point(1, point, 60)
+        async with running(Gateway(cfg)) as gw:
+            await _until(lambda: gw.desk is not None and gw.desk.engine.level("gas.lel1") == Level.II_ORANGE)
+        await server.set_point(1, point, 3)  # the gas is gone while the gateway is down
+        async with running(Gateway(cfg)) as gw:
+            await _until(lambda: gw.desk is not None and gw.readings > 3)
+            await asyncio.sleep(0.5)
+            assert gw.desk.engine.snapshot()["gas.lel1"].level == Level.II_ORANGE  # still latched after restart
+            sock = cfg.state_dir / "control.sock"
+            assert oct(sock.stat().st_mode & 0o777) == "0o600"
+            bad = await control_request(sock, {"ack": "gas.nope", "by": "li"})
+            assert not bad["ok"] and "no alarm rule 'gas.nope'" in bad["message"]
+            ok = await control_request(sock, {"ack": "gas.lel1", "by": "li"})
+            assert ok["ok"], ok
+            await _until(lambda: gw.desk.engine.level("gas.lel1") == Level.NONE)
+    finally:
+        await server.stop()
+
+
+async def test_a_faulty_sensor_raises_a_fault_not_zero_gas(mosquitto, tmp_path: Path) -> None:
+    port = free_port()
+    slave = SimSlave(1)
+    server = SimServer([slave], tcp=("127.0.0.1", port))
+    await server.start()
+    cfg = _gas_site(mosquitto.port, tmp_path, port)
+    point = cfg.devices[0].points[0]
+    try:
+        await server.set_point(1, point, 30)
+        async with collecting(mosquitto.port) as col, running(Gateway(cfg)) as gw:
+            await _until(lambda: gw.desk is not None and gw.desk.engine.level("gas.lel1") == Level.III_YELLOW)
+            slave.exception = 4  # the detector reports a device failure
+            await _until(lambda: gw.desk.engine.snapshot()["gas.lel1"].fault)
+            state = gw.desk.engine.snapshot()["gas.lel1"]
+            await col.wait_for(lambda c: any(r.get("alarm") == "fault" for r in c.records))
+    finally:
+        await server.stop()
+    assert state.level == Level.III_YELLOW  # a fault never clears the alarm
+    assert not any(r.get("alarm") == "cleared" for r in col.records)
+    bad = [r for r in col.records if r.get("point") == "conc" and r["quality"] != "good"]
+    assert bad and all(r["value"] is None for r in bad)  # no value, never 0 %LEL
