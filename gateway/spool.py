@@ -235,7 +235,8 @@ class Spool:
         """Turn readings (of one session) into the next data message, atomically.
 
         `live=False` takes the oldest readings (the backlog lane); `live=True` takes the oldest of those
-        spooled since `mark_backlog()`, so fresh readings keep flowing while a backlog drains.
+        spooled since `mark_backlog()`, so fresh readings keep flowing while a backlog drains. Each lane
+        is in time order per point; backlog messages are flagged historical.
         """
         where = "WHERE id > ?" if live else "WHERE id <= ?" if self._backlog_to else ""
         params: tuple[int, ...] = (self._backlog_to,) if where else ()
@@ -252,7 +253,9 @@ class Spool:
             readings = [Reading(p, ts, _load(v), q) for _, _, p, ts, v, q in rows]
             seq = self._next_seq[DATA]
             newest = max(r.ts_ms for r in readings)
-            payload = wire.encode_data(session, seq, readings, historical=now_ms - newest > historical_after_ms)
+            # Historical: spooled before the link came back (the backlog lane), or simply old.
+            late = (not live and self._backlog_to > 0) or now_ms - newest > historical_after_ms
+            payload = wire.encode_data(session, seq, readings, historical=late)
             cur = self.db.execute("INSERT INTO messages(kind, seq, session, payload) VALUES(?, ?, ?, ?)", (DATA, seq, session, payload))
             self.db.execute("DELETE FROM readings WHERE id BETWEEN ? AND ? AND session = ?", (rows[0][0], rows[-1][0], session))
             self._set_meta("next_seq", seq + 1)
