@@ -127,6 +127,26 @@ interval_s = 1
   name = "pump_running"
   table = "coil"
   address = 0
+
+# Local alarm rules: evaluated here, on every reading, whatever the uplink does.
+[[rules]]
+kind = "threshold"
+id = "res.level"
+point = "radar.level"
+direction = "high"
+levels = [ {{ level = "IV_BLUE", set = 1953.20, clear = 1953.18 }}, {{ level = "III_YELLOW", set = 1953.50, clear = 1953.45 }} ]
+[rules.fault]
+interval_s = 1
+max_step = 0.5             # a jump of more than 0.5 m between readings is a radar glitch: fault, not red
+
+[[rules]]
+kind = "rate"
+id = "res.rise"
+point = "radar.level"
+window_s = 60
+per_s = 3600
+direction = "rise"
+levels = [ {{ level = "III_YELLOW", set = 0.10, clear = 0.08 }} ]
 """
 
 
@@ -202,6 +222,9 @@ async def _animate(cfg: Config, servers: dict[str, SimServer], stop: asyncio.Eve
 
 def _print_reading(rec: dict) -> None:
     ts = time.strftime("%H:%M:%S", time.localtime(rec["ts"] / 1000))
+    if "alarm" in rec:
+        print(f"{ts}  ALARM {rec['rule']} {rec['alarm']}: {rec['old_level']} -> {rec['level']}  ({rec['message']})", flush=True)
+        return
     value = rec["value"]
     shown = f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
     quality = "" if rec["quality"] == "good" else f"  [{rec['quality']}]"
@@ -236,7 +259,7 @@ async def run_demo(*, duration: float | None, workdir: str | None, broker: str =
             gateway = Gateway(cfg)
             schema = load_schema()
             decoder = Decoder(validate=(lambda b: schema.validate_cbor(b)) if schema is not None else None)
-            counts = {"readings": 0}
+            counts = {"readings": 0, "alarms": 0}
 
             async def consumer() -> None:
                 client = aiomqtt.Client("127.0.0.1", broker_port, identifier="yujing-demo-consumer",
@@ -248,7 +271,7 @@ async def run_demo(*, duration: float | None, workdir: str | None, broker: str =
                         for n in res.notices:
                             print(f"yujing demo: {n}", file=sys.stderr, flush=True)
                         for rec in res.records:
-                            counts["readings"] += 1
+                            counts["readings" if "point" in rec else "alarms"] += 1
                             _print_reading(rec)
 
             servers = {"rs485-a": rtu, "plc": tcp}
@@ -270,6 +293,6 @@ async def run_demo(*, duration: float | None, workdir: str | None, broker: str =
                 await rtu.stop()
                 await tcp.stop()
                 bridge.close()
-            print(f"yujing demo: done — {gateway.readings} readings polled, {counts['readings']} decoded by the consumer, "
-                  f"session {gateway.session}", file=sys.stderr, flush=True)
+            print(f"yujing demo: done — {gateway.readings} readings polled, {counts['readings']} readings and "
+                  f"{counts['alarms']} alarm events decoded by the consumer, session {gateway.session}", file=sys.stderr, flush=True)
     return 0
