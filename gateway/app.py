@@ -89,10 +89,12 @@ class Gateway:
         for d in cfg.devices:
             bases[d.name] = base
             base += len(d.points)
+        # A bus carries polled devices, or only outputs (a relay module alone on its wire): both need its scheduler.
+        used = {d.bus for d in cfg.devices} | {getattr(a, "bus", None) for a in cfg.actions}
         self.schedulers = [
             BusScheduler(bus, [(d, bases[d.name]) for d in cfg.devices if d.bus == bus.name], self.transport_factory(bus), self.clock, self._sink)
             for bus in cfg.buses
-            if any(d.bus == bus.name for d in cfg.devices)
+            if bus.name in used
         ]
         control: ControlServer | None = None
         if cfg.rules:
@@ -115,20 +117,27 @@ class Gateway:
         finally:
             if control is not None:
                 await control.close()
+            if self.outputs is not None:
+                self.outputs.close()
             self.spool.close()
 
     async def _start_alarms(self, spool: Spool, uplink: Uplink) -> ControlServer:
         cfg = self.config
         engine = AlarmEngine(cfg.rules, cfg.resolve_point, store=FileStateStore(cfg.state_dir / "alarms.json"))
+        desk: AlarmDesk | None = None
+
+        def actuator_event(e: Any) -> None:  # ActuatorEvent → a spooled, published alarm event
+            if desk is not None:
+                desk.actuator_event(wire.Event(e.kind, e.action, 0, 0, e.ts_ms, {}, e.message))
+
         if cfg.actions:
             from .actions import ActionController
 
-            self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock)
+            self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock,
+                                            on_event=actuator_event)
         key = cfg.uplink.command_key_file.read_bytes().strip() if cfg.uplink.command_key_file else None
         desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, spool=spool, outputs=self.outputs,
                                      publish_state=uplink.alarm_state, wake_uplink=uplink.wake.set, command_key=key)
-        if self.outputs is not None:
-            self.outputs.on_event = lambda e: desk.actuator_event(wire.Event(e.kind, e.action, 0, 0, e.ts_ms, {}, e.message))
         uplink.commands = desk.handle_command
         desk.tick()  # publishes the restored state (latched alarms survive restarts)
         control = ControlServer(cfg.state_dir / "control.sock", desk)

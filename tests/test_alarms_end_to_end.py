@@ -180,3 +180,120 @@ async def test_a_faulty_sensor_raises_a_fault_not_zero_gas(mosquitto, tmp_path: 
     assert not any(r.get("alarm") == "cleared" for r in col.records)
     bad = [r for r in col.records if r.get("point") == "conc" and r["quality"] != "good"]
     assert bad and all(r["value"] is None for r in bad)  # no value, never 0 %LEL
+
+
+SIREN = """
+[[buses]]
+name = "rs485"
+type = "rtu"
+port = "{tty}"
+baudrate = 19200
+timeout_s = 0.2
+pause_s = 0.005
+
+[[devices]]
+name = "lel1"
+bus = "rs485"
+unit = 11
+interval_s = 0.5
+  [[devices.points]]
+  name = "conc"
+  address = 1
+  scale = 0.1
+  unit = "%LEL"
+
+[[rules]]
+kind = "threshold"
+id = "gas.lel1"
+point = "lel1.conc"
+latch = true
+levels = [ {{ level = "III_YELLOW", set = 25, clear = 23 }}, {{ level = "II_ORANGE", set = 50, clear = 48 }} ]
+
+[[actions]]
+kind = "coil"
+name = "area.siren"
+when = {{ rules = ["gas.*"], level = "II_ORANGE" }}
+bus = "rs485"
+unit = 30
+address = 0
+
+[[actions]]
+kind = "coil"
+name = "area.beacon"
+when = {{ rules = ["gas.*"], level = "III_YELLOW" }}
+bus = "rs485"
+unit = 30
+address = 1
+"""
+
+
+async def test_gas_ramp_switches_the_siren_within_one_poll_with_the_broker_down(private_mosquitto, tmp_path: Path) -> None:
+    import time
+
+    from gateway.sim.ptybridge import PtyBridge
+
+    bridge = PtyBridge(response_timeout=0.2)
+    bridge.start()
+    detector, relay = SimSlave(11), SimSlave(30, clock=time.monotonic)
+    server = SimServer([detector, relay], serial={"port": bridge.device_port, "baudrate": 19200})
+    await server.start()
+    cfg = site(private_mosquitto.port, tmp_path, SIREN.format(tty=bridge.gateway_port))
+    point = cfg.devices[0].points[0]
+    interval = cfg.devices[0].interval_s
+    await server.set_point(11, point, 5)
+    private_mosquitto.stop()
+    latencies = {}
+    try:
+        async with running(Gateway(cfg)) as gw:
+            await _until(lambda: gw.readings >= 2)
+            assert not await server.coil(30, 0) and not await server.coil(30, 1)
+            for value, address in ((30, 1), (55, 0)):  # 25 %LEL → beacon (yellow), 50 %LEL → siren (orange)
+                changed = time.monotonic()
+                await server.set_point(11, point, value)
+                await _until(lambda a=address: any(w[0] == a and w[1] for w in relay.coil_writes), timeout=5)
+                written = next(w[2] for w in relay.coil_writes if w[0] == address and w[1])
+                latencies[address] = written - changed
+            assert await server.coil(30, 0) and await server.coil(30, 1)
+            await server.set_point(11, point, 0)  # the gas clears, but the alarm is latched: the siren stays on
+            await asyncio.sleep(3 * interval)
+            assert await server.coil(30, 0)
+            assert gw.spool.events_waiting >= 2  # raised, escalated: waiting for the broker
+            private_mosquitto.start()
+            async with collecting(private_mosquitto.port) as col:
+                await col.wait_for(lambda c: len([r for r in c.records if "alarm" in r]) >= 2, timeout=15)
+            assert bridge.stats.overlaps == 0  # the writes shared the bus with the polls without colliding
+    finally:
+        await server.stop()
+        bridge.close()
+    assert latencies[1] <= interval + 0.3, latencies  # within one poll of the register change (plus the write)
+    assert latencies[0] <= interval + 0.3, latencies
+    events = [(r["alarm"], r["level"]) for r in col.records if "alarm" in r]
+    assert events[:2] == [("raised", "III_yellow"), ("escalated", "II_orange")]
+
+
+async def test_an_absent_relay_module_is_an_actuator_fault_and_polling_goes_on(mosquitto, tmp_path: Path) -> None:
+    from gateway.sim.ptybridge import PtyBridge
+
+    bridge = PtyBridge(response_timeout=0.2)
+    bridge.start()
+    server = SimServer([SimSlave(11), SimSlave(30)], serial={"port": bridge.device_port, "baudrate": 19200})
+    await server.start()
+    bridge.dead_units.add(30)  # the relay module does not answer
+    cfg = site(mosquitto.port, tmp_path, SIREN.format(tty=bridge.gateway_port))
+    point = cfg.devices[0].points[0]
+    await server.set_point(11, point, 60)
+    try:
+        async with collecting(mosquitto.port) as col, running(Gateway(cfg)) as gw:
+            await col.wait_for(lambda c: any(r.get("alarm") == "actuator_fault" for r in c.records), timeout=10)
+            polls_then = gw.readings
+            await asyncio.sleep(2.0)
+            assert gw.readings >= polls_then + 3  # the dead relay module does not stop the gas polls
+            assert gw.desk.engine.level("gas.lel1") == Level.II_ORANGE
+            bridge.dead_units.clear()  # the module is back: the siren goes on, the fault clears
+            await col.wait_for(lambda c: any(r.get("alarm") == "actuator_ok" for r in c.records), timeout=15)
+            assert await server.coil(30, 0)
+    finally:
+        await server.stop()
+        bridge.close()
+    fault = next(r for r in col.records if r.get("alarm") == "actuator_fault")
+    assert fault["rule"] in ("area.siren", "area.beacon") and "30" in fault["message"]
