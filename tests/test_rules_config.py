@@ -166,7 +166,7 @@ def test_every_kind_module_declares_kind_config_sample_and_one_rule_class():
     assert set(found) == {"threshold", "rate", "accumulation", "combination"}
     for name, kind in found.items():
         assert kind.module.KIND == name
-        assert kind.rule.__name__.endswith("Rule") and kind.rule.__module__ == kind.module.__name__
+        assert kind.cls.__name__.endswith("Rule") and kind.cls.__module__ == kind.module.__name__
         assert inspect.isclass(kind.config) and kind.config.__dataclass_params__.frozen
         assert kind.sample.strip().startswith("[[rules]]")
 

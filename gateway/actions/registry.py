@@ -7,61 +7,26 @@ Importing a module registers nothing; `kinds()` scans the package once into a re
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import cache
-from types import MappingProxyType, ModuleType
 from typing import Any
 
+from gateway.plugins import Kind, parse_kind_table, scan_kinds
 from .base import Context
 from .common import MAX_RTU_UNIT, ActionConfig, BusOutputConfig, OutputConfig
 from .errors import ActionConfigError
 
 
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    module: ModuleType
-    config: type
-    action: type
-    sample: str
-
-    @property
-    def output(self) -> bool:
-        """True for a state output (coil, register, gpio); False for an event action (program)."""
-        return issubclass(self.config, OutputConfig)
-
-
 @cache
 def kinds() -> Mapping[str, Kind]:
     """Every action kind in this package, by name."""
-    found: dict[str, Kind] = {}
-    package = importlib.import_module(__package__)
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__package__}.{info.name}")
-        name = getattr(module, "KIND", None)
-        if name is None:
-            continue
-        actions = [
-            obj for attr, obj in vars(module).items()
-            if inspect.isclass(obj) and obj.__module__ == module.__name__ and attr.endswith("Action")
-        ]
-        if len(actions) != 1:
-            raise TypeError(f"action kind module {module.__name__} must define exactly one *Action class, found {len(actions)}")
-        config = getattr(module, "Config", None)
-        sample = getattr(module, "SAMPLE", None)
-        if config is None or not isinstance(sample, str):
-            raise TypeError(f"action kind module {module.__name__} must define Config and SAMPLE")
-        if name in found:
-            raise TypeError(f"action kind {name!r} is declared by {found[name].module.__name__} and {module.__name__}")
-        found[name] = Kind(name, module, config, actions[0], sample)
-    return MappingProxyType(dict(sorted(found.items())))
+    return scan_kinds(__package__, "Action")
+
+
+def is_output(kind: Kind) -> bool:
+    """True for a state output (coil, register, gpio); False for an event action (program)."""
+    return issubclass(kind.config, OutputConfig)
 
 
 def kind_of(config: ActionConfig) -> Kind:
@@ -75,20 +40,12 @@ def kind_of(config: ActionConfig) -> Kind:
 def build_action(config: ActionConfig, ctx: Context) -> Any:
     """The action object for `config`. Does no I/O; raises ActionConfigError when `ctx` lacks what the
     action needs (e.g. no writer for its bus)."""
-    return kind_of(config).action(config, ctx)
+    return kind_of(config).cls(config, ctx)
 
 
 def parse_action(raw: Mapping[str, Any], path: str) -> ActionConfig:
     """One action table → its kind's typed Config. Errors name the field, e.g. `actions[2].when.level`."""
-    if not isinstance(raw, Mapping):
-        raise ActionConfigError(path, f"expected a table, got {type(raw).__name__}")
-    known = ", ".join(kinds())
-    if "kind" not in raw:
-        raise ActionConfigError(f"{path}.kind", f"missing required key; known kinds: {known}")
-    name = raw["kind"]
-    if not isinstance(name, str) or name not in kinds():
-        raise ActionConfigError(f"{path}.kind", f"unknown action kind {name!r}; known kinds: {known}")
-    return kinds()[name].config.from_dict(raw, path)
+    return parse_kind_table(raw, path, kinds(), "action", ActionConfigError)
 
 
 def parse_actions(

@@ -231,7 +231,7 @@ def parse_common(t: Table, kind: str, *, counts: bool = True) -> dict[str, Any]:
                 raise t.error(key_n, f"set {key_s} or {key_n}, not both")
         elif t.has(key_n):
             raise t.error(key_n, "not available on this kind of rule; use " + key_s)
-    window = t.table("window")
+    window = t.table("window", None)
     args["window"] = None if window is None else parse_window(window)
     return args
 
@@ -243,7 +243,7 @@ def parse_point(t: Table, kind: str) -> dict[str, Any]:
     if not point:
         raise t.error("point", "must not be empty")
     args["point"] = point
-    fault = parse_fault(t.table("fault"))
+    fault = parse_fault(t.table("fault", None))
     for key in ("flags", "valid"):
         names = getattr(fault, key)
         if point in names:

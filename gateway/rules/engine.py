@@ -80,7 +80,7 @@ class AlarmEngine:
                 rule: Any = CombinationRule(config, members, lift)
                 combos.append(rule)
             elif isinstance(config, PointConfig):
-                rule = kind_of(config).rule(config, resolve)
+                rule = kind_of(config).cls(config, resolve)
                 for index in rule.points:
                     by_point.setdefault(index, []).append(rule)
             else:

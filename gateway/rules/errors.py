@@ -1,19 +1,16 @@
 """Errors raised by the alarm rule engine. Each one says where the problem is.
 
-These should become subclasses of `gateway.errors.ConfigError` once that module exists (style anchor 7);
-until then they derive from the built-in exception a caller would expect.
+Configuration errors derive from `gateway.plugins.FieldError` (a ValueError carrying `path` and `reason`),
+which `gateway.config` turns into `file:line: path: reason`.
 """
 
 from __future__ import annotations
 
+from ..plugins import FieldError
 
-class RuleConfigError(ValueError):
+
+class RuleConfigError(FieldError):
     """A rule configuration is invalid. `path` names the field, e.g. `rules[3].levels[1].clear`."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}" if path else reason)
-        self.path = path
-        self.reason = reason
 
 
 class RuleStateError(ValueError):

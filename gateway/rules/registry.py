@@ -7,54 +7,19 @@ Importing a module registers nothing; `kinds()` scans the package once into a re
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cache
-from types import MappingProxyType, ModuleType
 from typing import Any
 
+from ..plugins import Kind, parse_kind_table, scan_kinds
 from .common import CommonConfig
 from .errors import RuleConfigError
-
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    module: ModuleType
-    config: type
-    rule: type
-    sample: str
 
 
 @cache
 def kinds() -> Mapping[str, Kind]:
     """Every rule kind in this package, by name."""
-    found: dict[str, Kind] = {}
-    package = importlib.import_module(__package__)
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__package__}.{info.name}")
-        name = getattr(module, "KIND", None)
-        if name is None:
-            continue
-        rules = [
-            obj for attr, obj in vars(module).items()
-            if inspect.isclass(obj) and obj.__module__ == module.__name__ and attr.endswith("Rule")
-        ]
-        if len(rules) != 1:
-            raise TypeError(f"rule kind module {module.__name__} must define exactly one *Rule class, found {len(rules)}")
-        config = getattr(module, "Config", None)
-        sample = getattr(module, "SAMPLE", None)
-        if config is None or not isinstance(sample, str):
-            raise TypeError(f"rule kind module {module.__name__} must define Config and SAMPLE")
-        if name in found:
-            raise TypeError(f"rule kind {name!r} is declared by {found[name].module.__name__} and {module.__name__}")
-        found[name] = Kind(name, module, config, rules[0], sample)
-    return MappingProxyType(dict(sorted(found.items())))
+    return scan_kinds(__package__, "Rule")
 
 
 def kind_of(config: CommonConfig) -> Kind:
@@ -67,15 +32,7 @@ def kind_of(config: CommonConfig) -> Kind:
 
 def parse_rule(raw: Mapping[str, Any], path: str) -> CommonConfig:
     """One rule table → its kind's typed Config. Errors name the field, e.g. `rules[3].levels[1].clear`."""
-    if not isinstance(raw, Mapping):
-        raise RuleConfigError(path, f"expected a table, got {type(raw).__name__}")
-    known = ", ".join(kinds())
-    if "kind" not in raw:
-        raise RuleConfigError(f"{path}.kind", f"missing required key; known kinds: {known}")
-    name = raw["kind"]
-    if not isinstance(name, str) or name not in kinds():
-        raise RuleConfigError(f"{path}.kind", f"unknown rule kind {name!r}; known kinds: {known}")
-    return kinds()[name].config.from_dict(raw, path)
+    return parse_kind_table(raw, path, kinds(), "rule", RuleConfigError)
 
 
 def parse_rules(raw: Sequence[Mapping[str, Any]], path: str = "rules") -> tuple[CommonConfig, ...]:
