@@ -54,15 +54,18 @@ def _spawn(conf: Path) -> subprocess.Popen:
     return subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_mosquitto(workdir: Path) -> Broker:
+def start_mosquitto(workdir: Path, *, persistent: bool = False) -> Broker:
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(exe).exists():
         pytest.fail("mosquitto is not installed: run scripts/test.sh, which installs it (apt-get install mosquitto)")
     port = free_port()
     conf = workdir / "mosquitto.conf"
+    # A persistent broker keeps subscribers' sessions and queued QoS 1 messages across its own restarts,
+    # as a production broker does: a consumer that registered before an outage misses nothing after it.
+    persistence = f"persistence true\npersistence_location {workdir}/\n" if persistent else "persistence false\n"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"max_queued_messages 100000\nmax_inflight_messages 100\n"
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}"
+        f"max_queued_messages 1000000\nmax_inflight_messages 100\n"
     )
     broker = Broker("127.0.0.1", port, _spawn(conf), conf)
     wait_port("127.0.0.1", port)
@@ -78,7 +81,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture
 def private_mosquitto(tmp_path: Path) -> Iterator[Broker]:
-    """A broker of the test's own, which the test may stop and restart."""
-    broker = start_mosquitto(tmp_path)
+    """A broker of the test's own, which the test may stop and restart (with persistent sessions)."""
+    broker = start_mosquitto(tmp_path, persistent=True)
     yield broker
     broker.stop()

@@ -16,7 +16,9 @@ from gateway.config import Config, parse
 from gateway.consumer import Decoder
 
 
-def site(broker_port: int, tmp: Path, body: str, *, uplink_extra: str = "") -> Config:
+def site(broker_port: int, tmp: Path, body: str, *, uplink_extra: str = "", reconnect_s: float = 0.1) -> Config:
+    """A site on the test broker. `reconnect_s` is the shortest reconnect backoff: tests that restart the
+    broker and then subscribe use 1 s, so their subscriber is on the broker before the gateway is back."""
     text = f"""
 [site]
 id = "TEST-01"
@@ -27,8 +29,8 @@ host = "127.0.0.1"
 port = {broker_port}
 tls = false
 batch_delay_s = 0.05
-backoff_min_s = 0.1
-backoff_max_s = 0.5
+backoff_min_s = {reconnect_s}
+backoff_max_s = {max(0.5, reconnect_s * 2)}
 {uplink_extra}
 
 [spool]
@@ -45,6 +47,7 @@ class Collector:
 
     port: int
     topic: str = "yujing/v1/#"
+    client_id: str | None = None  # with an id, a persistent session: the broker queues what arrives while away
     payloads: list[tuple[str, bytes]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
@@ -52,7 +55,9 @@ class Collector:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"collector-{id(self)}") as client:
+        persistent = self.client_id is not None
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier=self.client_id or f"collector-{id(self)}",
+                                  clean_session=not persistent) as client:
             await client.subscribe(self.topic, qos=1)
             self.ready.set()
             async for m in client.messages:
@@ -76,9 +81,15 @@ class Collector:
             await asyncio.sleep(0.05)
 
 
+async def register(port: int, client_id: str, topic: str = "yujing/v1/#") -> None:
+    """Open a persistent session and subscribe, then leave: the broker keeps the subscriber's messages."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier=client_id, clean_session=False) as client:
+        await client.subscribe(topic, qos=1)
+
+
 @contextlib.asynccontextmanager
-async def collecting(port: int, topic: str = "yujing/v1/#") -> AsyncIterator[Collector]:
-    c = Collector(port, topic)
+async def collecting(port: int, topic: str = "yujing/v1/#", *, client_id: str | None = None) -> AsyncIterator[Collector]:
+    c = Collector(port, topic, client_id)
     task = asyncio.create_task(c.run())
     await asyncio.wait_for(c.ready.wait(), 5)
     try:

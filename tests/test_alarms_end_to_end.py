@@ -17,7 +17,7 @@ from gateway.rules import Level
 from gateway.sim.devices import SimServer, SimSlave
 from tests.conftest import free_port
 
-from .e2e import collecting, running, site
+from .e2e import collecting, register, running, site
 
 ROOT = Path(__file__).parent.parent
 SCHEMA = pycddl.Schema((ROOT / "docs" / "wire-format.cddl").read_text())
@@ -63,7 +63,7 @@ def _gas_site(broker_port: int, tmp_path: Path, modbus_port: int):  # type: igno
     key = tmp_path / "command.key"
     key.write_bytes(KEY)
     os.chmod(key, 0o600)
-    return site(broker_port, tmp_path, GAS.format(port=modbus_port), uplink_extra='command_key_file = "command.key"')
+    return site(broker_port, tmp_path, GAS.format(port=modbus_port), uplink_extra='command_key_file = "command.key"', reconnect_s=1.0)
 
 
 async def test_gas_ramp_with_broker_down_then_events_in_order_and_signed_ack(private_mosquitto, tmp_path: Path) -> None:
@@ -73,6 +73,7 @@ async def test_gas_ramp_with_broker_down_then_events_in_order_and_signed_ack(pri
     cfg = _gas_site(private_mosquitto.port, tmp_path, port)
     point = cfg.devices[0].points[0]
     await server.set_point(1, point, 10)
+    await register(private_mosquitto.port, "platform")  # the platform's consumer, as in production
     private_mosquitto.stop()
     try:
         async with running(Gateway(cfg)) as gw:
@@ -85,7 +86,7 @@ async def test_gas_ramp_with_broker_down_then_events_in_order_and_signed_ack(pri
             assert (state.level, state.latched) == (Level.II_ORANGE, True), state  # latched: gas alarms need an ack
             assert gw.spool.events_waiting >= 2  # held while the broker is down
             private_mosquitto.start()
-            async with collecting(private_mosquitto.port) as col:
+            async with collecting(private_mosquitto.port, client_id="platform") as col:
                 await col.wait_for(lambda c: len([r for r in c.records if "alarm" in r]) >= 2, timeout=15)
                 # the retained state follows the latch (the condition fell, the level held) within a tick
                 await col.wait_for(lambda c: any(t.endswith("/alarms") and wire.decode_alarms(p)[2][0].latched for t, p in c.payloads))
@@ -237,10 +238,11 @@ async def test_gas_ramp_switches_the_siren_within_one_poll_with_the_broker_down(
     detector, relay = SimSlave(11), SimSlave(30, clock=time.monotonic)
     server = SimServer([detector, relay], serial={"port": bridge.device_port, "baudrate": 19200})
     await server.start()
-    cfg = site(private_mosquitto.port, tmp_path, SIREN.format(tty=bridge.gateway_port))
+    cfg = site(private_mosquitto.port, tmp_path, SIREN.format(tty=bridge.gateway_port), reconnect_s=1.0)
     point = cfg.devices[0].points[0]
     interval = cfg.devices[0].interval_s
     await server.set_point(11, point, 5)
+    await register(private_mosquitto.port, "platform")  # the platform's consumer, as in production
     private_mosquitto.stop()
     latencies = {}
     try:
@@ -259,7 +261,7 @@ async def test_gas_ramp_switches_the_siren_within_one_poll_with_the_broker_down(
             assert await server.coil(30, 0)
             assert gw.spool.events_waiting >= 2  # raised, escalated: waiting for the broker
             private_mosquitto.start()
-            async with collecting(private_mosquitto.port) as col:
+            async with collecting(private_mosquitto.port, client_id="platform") as col:
                 await col.wait_for(lambda c: len([r for r in c.records if "alarm" in r]) >= 2, timeout=15)
             assert bridge.stats.overlaps == 0  # the writes shared the bus with the polls without colliding
     finally:

@@ -25,7 +25,7 @@ from gateway.sim.devices import SimServer, SimSlave
 from gateway.sim.ptybridge import PtyBridge
 from tests.conftest import free_port, wait_port
 
-from .e2e import collecting, running, site
+from .e2e import collecting, register, running, site
 
 ROOT = Path(__file__).parent.parent
 SCHEMA = pycddl.Schema((ROOT / "docs" / "wire-format.cddl").read_text())
@@ -297,15 +297,16 @@ async def test_broker_restart_loses_nothing(private_mosquitto, tmp_path: Path) -
     await server.start()
     body = f'[[buses]]\nname = "plc"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {port}\n\n' \
            '[[devices]]\nname = "d"\nbus = "plc"\nunit = 1\ninterval_s = 0.1\n  [[devices.points]]\n  name = "a"\n  address = 0\n'
-    cfg = site(private_mosquitto.port, tmp_path, body)
+    cfg = site(private_mosquitto.port, tmp_path, body, reconnect_s=1.0)
+    await register(private_mosquitto.port, "platform")  # the platform's consumer: a persistent session
     try:
         async with running(Gateway(cfg)) as gw:
-            async with collecting(private_mosquitto.port) as col:
+            async with collecting(private_mosquitto.port, client_id="platform") as col:
                 await col.wait_for(lambda c: len(c.records) >= 5)
             private_mosquitto.stop()
             await asyncio.sleep(1.5)  # polling goes on into the spool
             private_mosquitto.start()
-            async with collecting(private_mosquitto.port) as col2:
+            async with collecting(private_mosquitto.port, client_id="platform") as col2:
                 await col2.wait_for(lambda c: gw.spool.backlog() == 0 and not gw.spool.unsent() and len(c.records) > 10, timeout=15)
     finally:
         await server.stop()

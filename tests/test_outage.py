@@ -14,7 +14,7 @@ from gateway.spool import Spool
 from gateway.sim.devices import SimServer, SimSlave
 from tests.conftest import free_port
 
-from .e2e import Collector, collecting, running, site
+from .e2e import Collector, collecting, register, running, site
 
 T0 = 1_780_000_000_000  # 2026-05-28
 
@@ -140,6 +140,7 @@ path = "{tmp_path / 'spool.db'}"
 """
     cfg_path.write_text(cfg_text)
     rng = random.Random(20)
+    await register(private_mosquitto.port, "platform")  # a persistent session: nothing is missed while away
     private_mosquitto.stop()
     kills = 0
 
@@ -147,7 +148,7 @@ path = "{tmp_path / 'spool.db'}"
         return await asyncio.create_subprocess_exec(sys.executable, "-c", KILLER, str(cfg_path),
                                                     stderr=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)
 
-    col = Collector(private_mosquitto.port)
+    col = Collector(private_mosquitto.port, client_id="platform")
     try:
         proc = await start()
         for _ in range(10):  # outage: the spool fills
