@@ -3,7 +3,7 @@
 # MicroPython, Python packages), then run the whole suite against real components.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test,consumer python3-venv mosquitto socat nodejs
+scripts/setup.sh test,consumer python3-venv mosquitto socat nodejs openssl
 if [ -f firmware/host/package-lock.json ]; then
   npm ci --prefix firmware/host --no-audit --no-fund --loglevel=error
 fi
