@@ -45,7 +45,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         print(
             f"{path}: OK — site {cfg.site.id}, gateway {cfg.site.gateway}, {len(cfg.buses)} buses, "
-            f"{len(cfg.devices)} devices, {len(cfg.catalogue)} points in {requests} requests per poll round; "
+            f"{len(cfg.devices)} devices, {len(cfg.catalogue)} points in {requests} requests per poll round, "
+            f"{len(cfg.rules)} alarm rules, {len(cfg.actions)} actions; "
             f"uplink {cfg.uplink.host}:{cfg.uplink.port} ({'TLS' if cfg.uplink.tls else 'no TLS'}, MQTT {cfg.uplink.protocol})"
         )
     return status

@@ -593,8 +593,10 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
         raise ConfigError(shown, [Problem("site" if site is None else "uplink", "missing")])
     catalogue = tuple(PointInfo(d.name, p.name, p.unit, p.type) for d in devices for p in d.points)
     cfg = Config(Path(shown), site, uplink, spool, tuple(buses), tuple(devices), catalogue)
+    before = len(errors)
     rules = _rules(raw_rules, cfg, errors)
-    actions = _actions(raw_actions, cfg, rules, errors)
+    # Actions name rules: checked against a rule list that failed, they would only echo its errors.
+    actions = _actions(raw_actions, cfg, rules, errors) if len(errors) == before else ()
     if errors:
         locator = Locator(text)
         raise ConfigError(shown, sorted((Problem(p.path, p.message, locator.line(p.path)) for p in errors), key=lambda p: p.line or 0))

@@ -299,3 +299,39 @@ async def test_an_absent_relay_module_is_an_actuator_fault_and_polling_goes_on(m
         bridge.close()
     fault = next(r for r in col.records if r.get("alarm") == "actuator_fault")
     assert fault["rule"] in ("area.siren", "area.beacon") and "30" in fault["message"]
+
+
+async def test_a_bus_with_only_a_relay_module_serves_its_outputs(mosquitto, tmp_path: Path) -> None:
+    port, relay_port = free_port(), free_port()
+    detector = SimServer([SimSlave(1)], tcp=("127.0.0.1", port))
+    relay = SimServer([SimSlave(30)], tcp=("127.0.0.1", relay_port))
+    await detector.start()
+    await relay.start()
+    body = GAS.format(port=port) + f"""
+[[buses]]
+name = "relays"
+type = "tcp"
+host = "127.0.0.1"
+port = {relay_port}
+
+[[actions]]
+kind = "coil"
+name = "siren"
+when = {{ rules = ["gas.*"], level = "II_ORANGE" }}
+bus = "relays"
+unit = 30
+address = 0
+"""
+    cfg = site(mosquitto.port, tmp_path, body)
+    try:
+        await detector.set_point(1, cfg.devices[0].points[0], 70)
+        async with running(Gateway(cfg)) as gw:
+            await _until(lambda: gw.desk is not None and gw.desk.engine.level("gas.lel1") == Level.II_ORANGE)
+            for _ in range(100):
+                if await relay.coil(30, 0):
+                    break
+                await asyncio.sleep(0.05)
+            assert await relay.coil(30, 0)
+    finally:
+        await detector.stop()
+        await relay.stop()

@@ -263,13 +263,17 @@ async def test_modbus_exception_and_crc_error_become_qualities(mosquitto, tmp_pa
     cfg = site(mosquitto.port, tmp_path, RTU_BUS.format(port=bridge.gateway_port))
     try:
         async with collecting(mosquitto.port) as col, running(Gateway(cfg)):
-            await col.wait_for(lambda c: c.latest("gas1", "conc") is not None and c.latest("gas2", "conc") is not None)
+            await col.wait_for(lambda c: c.latest("gas1", "conc") is not None
+                               and any(r["device"] == "gas2" and r["quality"] == "framing" for r in c.records))
     finally:
         await server.stop()
         bridge.close()
     assert col.latest("gas1", "conc")["quality"] == "modbus_exception_02"
     assert col.latest("gas1", "conc")["value"] is None
-    assert col.latest("gas2", "conc")["quality"] == "framing"
+    gas2 = [r["quality"] for r in col.records if r["device"] == "gas2"]
+    # A corrupted reply is "framing" (bytes came, no valid frame); on a loaded machine a reply that comes
+    # after the 0.15 s timeout counts as "timeout". Never "good".
+    assert "framing" in gas2 and set(gas2) <= {"framing", "timeout"}, gas2
 
 
 async def test_picky_device_gets_its_coalesced_read_split(mosquitto, tmp_path: Path, caplog) -> None:

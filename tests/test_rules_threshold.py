@@ -185,3 +185,10 @@ def test_over_range_gas_reading_raises_but_under_range_is_a_fault():
     assert [t.kind for t in out] == [TransitionKind.FAULT]
     assert site.level("chem.gas1") == Level.II_ORANGE  # a fault never lowers the alarm
     assert site.state("chem.gas1").fault
+
+
+def test_an_under_range_reading_with_no_alarm_is_a_fault_not_all_clear():
+    site = Site(GAS)
+    out = site.read("ai.ch0", T0, -12.5, Quality.OUT_OF_RANGE)  # a 2 mA loop on a 4–20 mA %LEL head
+    assert [t.kind for t in out] == [TransitionKind.FAULT]
+    assert site.level("chem.gas1") == Level.NONE and site.state("chem.gas1").fault

@@ -13,7 +13,7 @@ uplink down. Per rule (config.Rule):
 - a reading with bad quality, or without a value, is a fault: the level stays, partly counted
   delays are forgotten; the next good reading clears the fault. Faults are not levels. With
   `out_of_range = "raise_only"` an out_of_range reading is still evaluated, but may only raise
-  or hold the level (fail-safe for an over-range gas head).
+  or hold a level (fail-safe for an over-range gas head); one that supports no level is a fault.
 
 Decimal values are compared exactly with the decimal set/clear values; float values (float32
 registers) with those values converted to float.
@@ -104,7 +104,7 @@ class Alarms:
             m, e = (1 if kind == TRUE else 0), 0
         if quality == _OUT_OF_RANGE and r.raise_only and kind != NULL:
             cond = self.condition(k, kind, m, e, f)
-            if cond >= self.level[k]:
+            if cond >= self.level[k] and cond > 0:  # supporting no level at all: a broken loop, a fault
                 self._observe(k, cond)
             else:
                 self._fault_on(k)

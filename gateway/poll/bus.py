@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import heapq
+import math
 from collections import deque
 import logging
 from collections.abc import Callable
@@ -125,6 +126,9 @@ class BusScheduler:
         if self._writes:
             return
         self._write_arrived.clear()
+        if due == math.inf:
+            await self._write_arrived.wait()
+            return
         delay = due - self.clock.monotonic()
         if delay <= 0:
             return
@@ -145,7 +149,7 @@ class BusScheduler:
             heapq.heappush(queue, (now, i))
         try:
             while True:
-                due = queue[0][0]
+                due = queue[0][0] if queue else math.inf  # a bus with only outputs (a relay module) just writes
                 await self._wait_until(due)
                 await self._do_writes()
                 if self.clock.monotonic() < due:

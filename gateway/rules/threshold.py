@@ -21,7 +21,7 @@ KIND = "threshold"
 SAMPLE = """\
 [[rules]]
 kind = "threshold"
-id = "res.zu.flood_season"          # unique; letters, digits and _ . : -
+id = "res.zu.flood_season"          # unique; letters, digits and _ . -
 point = "radar.ZU"                  # a point name the gateway's catalogue resolves
 description = "Reservoir level against 汛限水位 (flood season only)"
 direction = "high"                  # "high": alarm at value >= set; "low": alarm at value <= set
@@ -104,7 +104,9 @@ class ThresholdRule(PointRule):
         x = as_number(value)
         if x is not None and (self._gate is None or self._gate.contains(ts)):
             cond = ladder(self._specs, x, core.active, self._high)
-            if cond >= core.active:
+            # An out-of-range reading may raise or hold an alarm (a gas head past full scale), but one that
+            # supports no level at all is a broken loop (2 mA reads as −12.5 %LEL): a fault, never "clear".
+            if cond >= core.active and cond > Level.NONE:
                 self._x = x
                 self.last_values = values
                 return core.observe(cond, ts, values, self._describe)
