@@ -14,31 +14,9 @@ from gateway.spool import Spool
 from gateway.sim.devices import SimServer, SimSlave
 from tests.conftest import free_port
 
-from .e2e import Collector, collecting, register, running, site
+from .e2e import Collector, FastClock, collecting, register, running, site
 
 T0 = 1_780_000_000_000  # 2026-05-28
-
-
-class FastClock:
-    """Virtual time for one sleeping task (the bus scheduler): sleep() moves time forward at once.
-
-    Real devices still answer in real time; only the waiting between polls is skipped, so 72 hours
-    of one-minute polls take seconds. (A fake for the clock only: everything else is real.)
-    """
-
-    def __init__(self, start_ms: int) -> None:
-        self.t = 0.0
-        self.start_ms = start_ms
-
-    def time_ms(self) -> int:
-        return self.start_ms + int(self.t * 1000)
-
-    def monotonic(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        self.t += max(0.0, seconds)
-        await asyncio.sleep(0)
 
 
 def body(modbus_port: int, points: int, interval_s: float) -> str:

@@ -44,6 +44,9 @@ class SimSlave:
     refuse_multi: bool = False  # answer ILLEGAL_ADDRESS to reads of more than one register (a picky device)
     coil_writes: list[tuple[int, bool, float]] = field(default_factory=list)
     clock: Callable[[], float] | None = None
+    # Called with the live register block before every register read: a test computes the device's
+    # values from its own (virtual) clock, so readings follow a scripted curve whatever the poll rate.
+    before_read: Callable[[list[int]], None] | None = None
 
     def device(self) -> SimDevice:
         def block(bits: bool) -> list[SimData]:
@@ -59,6 +62,8 @@ class SimSlave:
             return ExcCodes(self.exception)
         if self.refuse_multi and values is None and count > 1:
             return ExcCodes.ILLEGAL_ADDRESS
+        if self.before_read is not None and values is None and fc in (3, 4):
+            self.before_read(registers)
         if fc == 5 and values is not None:
             self.coil_writes.append((address, bool(values[0]), self.clock() if self.clock else 0.0))
         return None
