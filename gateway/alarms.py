@@ -129,7 +129,8 @@ class AlarmDesk:
 
     def actuator_event(self, event: wire.Event) -> None:
         """An output failed or recovered: spooled and published like an alarm transition."""
-        log.warning("%s: %s", event.rule, event.message) if event.kind == "actuator_fault" else log.info("%s: %s", event.rule, event.message)
+        level = logging.WARNING if event.kind == "actuator_fault" else logging.INFO
+        log.log(level, "%s: %s", event.rule, event.message)
         self._store([event])
 
     # ---------------------------------------------------------- outputs

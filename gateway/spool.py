@@ -68,6 +68,7 @@ class Message:
     seq: int
     session: int
     payload: bytes
+    count: int = 0  # readings or events in it, when it was just sealed (0: not known, a re-send)
 
 
 class Spool:
@@ -229,7 +230,7 @@ class Spool:
             self._set_meta("next_alarm_seq", seq + 1)
         self._next_seq[ALARM] = seq + 1
         self.events_waiting -= len(rows)
-        return Message(cur.lastrowid or 0, ALARM, seq, session, payload)
+        return Message(cur.lastrowid or 0, ALARM, seq, session, payload, len(events))
 
     def seal(self, max_readings: int, *, now_ms: int, historical_after_ms: int, live: bool = False) -> Message | None:
         """Turn readings (of one session) into the next data message, atomically.
@@ -260,7 +261,7 @@ class Spool:
             self.db.execute("DELETE FROM readings WHERE id BETWEEN ? AND ? AND session = ?", (rows[0][0], rows[-1][0], session))
             self._set_meta("next_seq", seq + 1)
         self._next_seq[DATA] = seq + 1
-        return Message(cur.lastrowid or 0, DATA, seq, session, payload)
+        return Message(cur.lastrowid or 0, DATA, seq, session, payload, len(readings))
 
     def delivered(self, message_id: int) -> None:
         """The broker acknowledged this message: forget it (deleted with the next transaction)."""

@@ -228,7 +228,7 @@ class Uplink:
         if m is None:
             return [], 0.0
         if self.cfg.drain_rate:
-            self._bucket.take(wire.decode_data(m.payload).readings.__len__())
+            self._bucket.take(m.count)
         return [m], 0.0
 
     async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
