@@ -29,14 +29,12 @@ log = logging.getLogger("yujing.spool")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (session INTEGER PRIMARY KEY, catalogue BLOB NOT NULL, started_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS readings (
+CREATE TABLE IF NOT EXISTS readings (    -- one row per poll: a row is one SQLite insert, not one per point
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session INTEGER NOT NULL,
-    point INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    value,                  -- int/float/NULL natively; anything else (bool, decimal, bignum) as CBOR
-
-    quality INTEGER NOT NULL
+    ts INTEGER NOT NULL,    -- the newest reading's time
+    n INTEGER NOT NULL,     -- readings in the row
+    body BLOB NOT NULL      -- CBOR [[point, ts, value, quality], …]; values as on the wire
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -149,10 +147,13 @@ class Spool:
 
     def append(self, session: int, readings: Sequence[Reading]) -> None:
         """Commit readings durably; raises SpoolError (naming the file) when the disk refuses."""
-        rows = [(session, r.point, r.ts_ms, _store(r.value), int(r.quality)) for r in readings]
+        if not readings:
+            return
+        body = cbor2.dumps([[r.point, r.ts_ms, wire.wire_value(r.value), int(r.quality)] for r in readings])
         with self._tx():
-            self.db.executemany("INSERT INTO readings(session, point, ts, value, quality) VALUES(?, ?, ?, ?, ?)", rows)
-        self._appends_since_check += len(rows)
+            self.db.execute("INSERT INTO readings(session, ts, n, body) VALUES(?, ?, ?, ?)",
+                            (session, max(r.ts_ms for r in readings), len(readings), body))
+        self._appends_since_check += len(readings)
         if self._appends_since_check >= 1000:
             self._appends_since_check = 0
             self.enforce_budget()
@@ -178,13 +179,14 @@ class Spool:
         """Drop the oldest routine readings while the spool is over budget; returns how many."""
         dropped = 0
         while self.size_bytes() > self.max_bytes:
-            n = max(1000, self.backlog() // 20)
+            rows = max(20, self.db.execute("SELECT count(*) FROM readings").fetchone()[0] // 20)
             with self._tx():
-                cur = self.db.execute("DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY id LIMIT ?)", (n,))
-                if cur.rowcount <= 0:
+                n = self.db.execute("SELECT sum(n) FROM (SELECT n FROM readings ORDER BY id LIMIT ?)", (rows,)).fetchone()[0]
+                if not n:
                     break
-                dropped += cur.rowcount
-                self._set_meta("dropped", self._meta("dropped") + cur.rowcount)
+                self.db.execute("DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY id LIMIT ?)", (rows,))
+                dropped += n
+                self._set_meta("dropped", self._meta("dropped") + n)
         if dropped:
             log.warning("spool %s over its budget of %d bytes: dropped the %d oldest readings (%d in all)",
                         self.path, self.max_bytes, dropped, self.dropped)
@@ -193,11 +195,11 @@ class Spool:
     # ---------------------------------------------------------- draining
 
     def backlog(self) -> int:
-        return self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        return self.db.execute("SELECT coalesce(sum(n), 0) FROM readings").fetchone()[0]
 
     def mark_backlog(self) -> int:
         """Everything spooled so far is backlog (the uplink just connected); returns how many readings."""
-        row = self.db.execute("SELECT max(id), count(*) FROM readings").fetchone()
+        row = self.db.execute("SELECT max(id), coalesce(sum(n), 0) FROM readings").fetchone()
         self._backlog_to = row[0] or 0
         return row[1]
 
@@ -244,21 +246,34 @@ class Spool:
         with self._tx():
             self._flush_acked()
             rows = self.db.execute(
-                f"SELECT id, session, point, ts, value, quality FROM readings {where} ORDER BY id LIMIT ?", (*params, max_readings)
+                f"SELECT id, session, n, body FROM readings {where} ORDER BY id LIMIT ?", (*params, max_readings)
             ).fetchall()
             if not rows:
                 return None
             session = rows[0][1]
-            if rows[-1][1] != session:
-                rows = [r for r in rows if r[1] == session]
-            readings = [Reading(p, ts, _load(v), q) for _, _, p, ts, v, q in rows]
+            taken, total = [], 0
+            for row in rows:  # whole polls, up to max_readings
+                if row[1] != session or total + row[2] > max_readings:
+                    break
+                taken.append(row)
+                total += row[2]
+            if taken:
+                items = [item for row in taken for item in cbor2.loads(row[3])]
+                first, last = taken[0][0], taken[-1][0]
+            else:  # one poll larger than a message: send its head now, keep the rest in its row
+                items = cbor2.loads(rows[0][3])
+                rest, items = items[max_readings:], items[:max_readings]
+                self.db.execute("UPDATE readings SET n = ?, body = ? WHERE id = ?", (len(rest), cbor2.dumps(rest), rows[0][0]))
+                first, last = None, None
+            readings = [Reading(p, ts, wire.decode_value(v), q) for p, ts, v, q in items]
             seq = self._next_seq[DATA]
             newest = max(r.ts_ms for r in readings)
             # Historical: spooled before the link came back (the backlog lane), or simply old.
             late = (not live and self._backlog_to > 0) or now_ms - newest > historical_after_ms
             payload = wire.encode_data(session, seq, readings, historical=late)
             cur = self.db.execute("INSERT INTO messages(kind, seq, session, payload) VALUES(?, ?, ?, ?)", (DATA, seq, session, payload))
-            self.db.execute("DELETE FROM readings WHERE id BETWEEN ? AND ? AND session = ?", (rows[0][0], rows[-1][0], session))
+            if first is not None:
+                self.db.execute("DELETE FROM readings WHERE id BETWEEN ? AND ?", (first, last))
             self._set_meta("next_seq", seq + 1)
         self._next_seq[DATA] = seq + 1
         return Message(cur.lastrowid or 0, DATA, seq, session, payload, len(readings))
@@ -274,16 +289,6 @@ class Spool:
         if self._acked:
             self.db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in self._acked])
             self._acked.clear()
-
-
-def _store(v: object) -> object:
-    if v is None or type(v) is float or (type(v) is int and -(2**63) <= v < 2**63):  # noqa: E721 (bool is not int here)
-        return v
-    return cbor2.dumps(wire.wire_value(v), canonical=True)  # type: ignore[arg-type]
-
-
-def _load(v: object) -> object:
-    return wire.decode_value(cbor2.loads(v)) if isinstance(v, bytes) else v
 
 
 class _Transaction:

@@ -72,14 +72,14 @@ def test_stale_readings_are_flagged_historical(tmp_path: Path) -> None:
 def test_byte_budget_drops_oldest_routine_readings_and_counts_them(tmp_path: Path) -> None:
     s = Spool(tmp_path / "s.db", max_bytes=1024 * 1024)
     s.start_session(CAT, T)
-    for i in range(60):
+    for i in range(300):  # about 3.6 MB of polls into a 1 MiB budget
         s.append(1, [Reading(0, T + i * 1000 + j, j) for j in range(1000)])
     s.enforce_budget()
     assert s.size_bytes() <= 1024 * 1024
     assert s.dropped > 0
-    assert s.backlog() + s.dropped == 60_000
-    oldest = s.db.execute("SELECT min(ts) FROM readings").fetchone()[0]
-    assert oldest > T  # the oldest went first
+    assert s.backlog() + s.dropped == 300_000
+    oldest = s.db.execute("SELECT min(ts) FROM readings").fetchone()[0]  # a row's ts is its newest reading
+    assert oldest >= T + s.dropped  # the oldest went first: every poll older than the survivors is gone
 
 
 WRITER = r"""
@@ -188,7 +188,7 @@ def test_budget_never_drops_alarm_events(tmp_path: Path) -> None:
     s = Spool(tmp_path / "s.db", max_bytes=1024 * 1024)
     s.start_session(CAT, T)
     s.append_events(1, [_event(T + i) for i in range(200)])
-    for i in range(60):
+    for i in range(300):
         s.append(1, [Reading(0, T + i * 1000 + j, j) for j in range(1000)])
     s.enforce_budget()
     assert s.dropped > 0
