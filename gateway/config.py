@@ -11,7 +11,6 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -661,12 +660,3 @@ def _check_serial_ports(buses: list[BusConfig], index: dict[str, int], errors: l
                 f"buses[{index[bus.name]}].port",
                 f"port {s.port} is already bus {other.name!r}: put every device of one wire on one bus, so requests never overlap",
             ))
-
-
-def iter_points(cfg: Config) -> Iterator[tuple[int, DeviceConfig, PointSpec]]:
-    """(catalogue index, device, point) in catalogue order."""
-    i = 0
-    for d in cfg.devices:
-        for p in d.points:
-            yield i, d, p
-            i += 1
