@@ -58,6 +58,7 @@ class Gateway:
     desk: AlarmDesk | None = None
     outputs: Any = None
     tick_s: float | None = 1.0  # None: no time-driven alarm ticks (tests that drive a virtual clock)
+    stop_grace_s: float = 3.5  # SIGTERM to exit within 5 s, with the spool closed
 
     def _sink(self, readings: list[Reading]) -> None:
         self.readings += len(readings)
@@ -111,7 +112,12 @@ class Gateway:
                 await stop.wait()
                 for t in pollers:
                     t.cancel()
-                await uplink_task
+                try:
+                    # The death goes out and the broker connection closes, or we stop without them: an
+                    # unattended gateway must never hang on its way down (the will covers a missed death).
+                    await asyncio.wait_for(uplink_task, self.stop_grace_s)
+                except TimeoutError:
+                    log.warning("uplink did not close within %.1fs; stopping without a clean disconnect", self.stop_grace_s)
                 for t in helpers:
                     t.cancel()
         finally:
