@@ -7,6 +7,7 @@ into `DeviceError` (a quality code: the device is there but this read failed) or
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ class ModbusTransport:
             await self.connect()
         self._rx_bytes = 0
         try:
-            response = await call()
+            response = await self._call_cancellable(call, what)
         except ModbusIOException as exc:
             quality = Quality.FRAMING if self._rx_bytes else Quality.TIMEOUT
             raise DeviceError(quality, f"{self.name} unit {unit}: {what}: {'bad frame' if self._rx_bytes else 'no answer'}") from exc
@@ -164,6 +165,17 @@ class ModbusTransport:
             code = getattr(response, "exception_code", 0)
             raise DeviceError(modbus_exception_quality(code), f"{self.name} unit {unit}: {what}: Modbus exception {code}")
         return response
+
+    async def _call_cancellable(self, call: Callable[[], Awaitable[ModbusPDU]], what: str) -> ModbusPDU:
+        try:
+            return await call()
+        except (ModbusException, OSError):
+            # pymodbus waits with asyncio.wait_for, which on CPython 3.11 can turn a cancellation that
+            # races the response timeout into a timeout (gh-86296). A stopping gateway must stop.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError(f"{self.name}: cancelled during {what}") from None
+            raise
 
     def close(self) -> None:
         self._client.close()

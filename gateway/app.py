@@ -110,16 +110,14 @@ class Gateway:
                     helpers.append(tg.create_task(self._ticker(self.desk, self.tick_s), name="alarm-tick"))
                 pollers = [tg.create_task(s.run(), name=f"bus-{s.bus.name}") for s in self.schedulers]
                 await stop.wait()
-                for t in pollers:
-                    t.cancel()
+                await stop_tasks(pollers)
                 try:
                     # The death goes out and the broker connection closes, or we stop without them: an
                     # unattended gateway must never hang on its way down (the will covers a missed death).
                     await asyncio.wait_for(uplink_task, self.stop_grace_s)
                 except TimeoutError:
                     log.warning("uplink did not close within %.1fs; stopping without a clean disconnect", self.stop_grace_s)
-                for t in helpers:
-                    t.cancel()
+                await stop_tasks(helpers)
         finally:
             if control is not None:
                 await control.close()
@@ -157,6 +155,19 @@ class Gateway:
         while True:
             await self.clock.sleep(every_s)
             desk.tick()
+
+
+async def stop_tasks(tasks: list[asyncio.Task[Any]], *, retry_s: float = 0.5) -> None:
+    """Cancel tasks and wait for them, cancelling again any that lost a cancellation on the way.
+
+    CPython 3.11's asyncio.wait_for can swallow a cancellation that races its timeout (gh-86296); a
+    library waiting that way inside a task would otherwise keep a stopping gateway alive forever.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
 
 
 async def run_until_signalled(gateway: Gateway, *, grace_s: float = 4.5) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from device_drivers.modbus import ModbusTransport, TcpSettings
 from device_drivers.registers import PointSpec, Table
+from gateway.app import stop_tasks
 from gateway.actions import ActionController, ActuatorEvent, parse_actions
 from gateway.clock import SystemClock
 from gateway.config import BusConfig, DeviceConfig
@@ -62,9 +63,7 @@ async def bus(port: int, interval_s: float) -> AsyncIterator[Rig]:
     try:
         yield rig
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_tasks([task])
 
 
 @contextlib.asynccontextmanager
@@ -73,9 +72,7 @@ async def running(controller: ActionController) -> AsyncIterator[ActionControlle
     try:
         yield controller
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_tasks([task])
         controller.close()
 
 
