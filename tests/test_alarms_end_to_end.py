@@ -292,7 +292,7 @@ async def test_an_absent_relay_module_is_an_actuator_fault_and_polling_goes_on(m
             assert gw.readings >= polls_then + 3  # the dead relay module does not stop the gas polls
             assert gw.desk.engine.level("gas.lel1") == Level.II_ORANGE
             bridge.dead_units.clear()  # the module is back: the siren goes on, the fault clears
-            await col.wait_for(lambda c: any(r.get("alarm") == "actuator_ok" for r in c.records), timeout=15)
+            await col.wait_for(lambda c: any(r.get("alarm") == "actuator_ok" and r["rule"] == "area.siren" for r in c.records), timeout=15)
             assert await server.coil(30, 0)
     finally:
         await server.stop()
