@@ -7,7 +7,6 @@ the MQTT loop behind `yujing consume`.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from typing import Any
 
 from . import wire
 from .model import PointInfo
-
-log = logging.getLogger("yujing.consumer")
 
 SCHEMA_PATH = Path(__file__).with_name("wire-format.cddl")
 

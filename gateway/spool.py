@@ -245,8 +245,9 @@ class Spool:
         params: tuple[int, ...] = (self._backlog_to,) if where else ()
         with self._tx():
             self._flush_acked()
+            # Sizes first, bodies only of the polls taken: a backlog row holds a whole poll.
             rows = self.db.execute(
-                f"SELECT id, session, n, body FROM readings {where} ORDER BY id LIMIT ?", (*params, max_readings)
+                f"SELECT id, session, n FROM readings {where} ORDER BY id LIMIT ?", (*params, max_readings)
             ).fetchall()
             if not rows:
                 return None
@@ -258,10 +259,11 @@ class Spool:
                 taken.append(row)
                 total += row[2]
             if taken:
-                items = [item for row in taken for item in cbor2.loads(row[3])]
                 first, last = taken[0][0], taken[-1][0]
+                bodies = self.db.execute("SELECT body FROM readings WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))
+                items = [item for (body,) in bodies for item in cbor2.loads(body)]
             else:  # one poll larger than a message: send its head now, keep the rest in its row
-                items = cbor2.loads(rows[0][3])
+                items = cbor2.loads(self.db.execute("SELECT body FROM readings WHERE id = ?", (rows[0][0],)).fetchone()[0])
                 rest, items = items[max_readings:], items[:max_readings]
                 self.db.execute("UPDATE readings SET n = ?, body = ? WHERE id = ?", (len(rest), cbor2.dumps(rest), rows[0][0]))
                 first, last = None, None

@@ -4,7 +4,6 @@ a real mosquitto on loopback, and the reference consumer."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import struct
