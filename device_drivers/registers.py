@@ -45,6 +45,25 @@ ORDERS = ("big", "little")
 
 
 @dataclass(frozen=True, slots=True)
+class PointValidity:
+    """When a device says a point's reading is not valid, so that it travels as DEVICE_FAULT, not as a
+    good number: raw values that are fault codes (a detector's 0xFFFF), a valid range of the raw value
+    (a 4-20 mA channel in µA: below 3.8 mA or above 20.5 mA is a broken loop or a failed transmitter, NAMUR
+    NE 43), and status points of the same device read in the same poll (`flags`: fault while true,
+    `valid`: fault while false or unreadable)."""
+
+    codes: frozenset[int] = frozenset()
+    raw_min: float | None = None
+    raw_max: float | None = None
+    flags: tuple[str, ...] = ()
+    valid: tuple[str, ...] = ()
+
+    @property
+    def checks_raw(self) -> bool:
+        return bool(self.codes) or self.raw_min is not None or self.raw_max is not None
+
+
+@dataclass(frozen=True, slots=True)
 class PointSpec:
     """One point of a device: where it lives and how to turn its registers into a value.
 
@@ -63,6 +82,7 @@ class PointSpec:
     unit: str = ""
     min: float | None = None
     max: float | None = None
+    validity: PointValidity | None = None
 
     @property
     def count(self) -> int:
@@ -137,6 +157,31 @@ def in_range(point: PointSpec, value: Value) -> bool:
 Decoder = Callable[[Sequence[int] | Sequence[bool]], tuple[Value, int]]
 
 
+def status_gates(points: Sequence[PointSpec]) -> list[tuple[int, tuple[tuple[int, bool], ...]]]:
+    """For each point gated by status points of its own device: (its index, ((status index, is_flag), …)).
+    Names were checked when the configuration was read."""
+    index = {p.name: i for i, p in enumerate(points)}
+    gates = []
+    for i, p in enumerate(points):
+        if p.validity is not None and (p.validity.flags or p.validity.valid):
+            gates.append((i, tuple((index[n], True) for n in p.validity.flags) + tuple((index[n], False) for n in p.validity.valid)))
+    return gates
+
+
+def apply_status_gates(gates: Sequence[tuple[int, tuple[tuple[int, bool], ...]]], results: dict[int, tuple[Value, int]]) -> None:
+    """After a whole poll is decoded: a point whose status points say fault (or could not be read) becomes
+    DEVICE_FAULT with no value (what it read is no measurement), whatever order the points were read in."""
+    for target, statuses in gates:
+        quality = results[target][1]
+        if quality not in (Quality.GOOD, Quality.OUT_OF_RANGE):
+            continue
+        for j, is_flag in statuses:
+            status, status_quality = results[j]
+            if status_quality != Quality.GOOD or status is None or bool(status) is is_flag:
+                results[target] = (None, Quality.DEVICE_FAULT)
+                break
+
+
 def compile_point(point: PointSpec) -> Decoder:
     """A decoder specialised for one point, equivalent to `evaluate` (tested so) but built once:
     the poll loop calls it for every point of every poll."""
@@ -178,11 +223,17 @@ def compile_point(point: PointSpec) -> Decoder:
     dscale, doffset = point.scale, point.offset
     lo, hi = point.min, point.max
     checked = lo is not None or hi is not None
+    validity = point.validity if point.validity is not None and point.validity.checks_raw else None
+    codes = validity.codes if validity else frozenset()
+    raw_lo = validity.raw_min if validity else None
+    raw_hi = validity.raw_max if validity else None
 
     def decode(w):  # type: ignore[no-untyped-def]
         if len(w) != n:
             return None, Quality.DECODE
         v = raw(w)
+        if validity is not None and (v in codes or (raw_lo is not None and v < raw_lo) or (raw_hi is not None and v > raw_hi)):
+            return None, Quality.DEVICE_FAULT  # a fault code or a dead loop is no measurement: no value
         if is_float:
             if v != v or v in (math.inf, -math.inf):
                 return None, Quality.DECODE
@@ -204,7 +255,12 @@ def evaluate(point: PointSpec, words: list[int] | None = None, bits: list[bool] 
             if not bits:
                 raise DecodeError(f"point {point.name}: no bit returned")
             return bool(bits[0]), Quality.GOOD
-        value = scale(point, decode_raw(point, words or []))
+        raw_value = decode_raw(point, words or [])
+        v = point.validity
+        if v is not None and not isinstance(raw_value, bool) and (
+                raw_value in v.codes or (v.raw_min is not None and raw_value < v.raw_min) or (v.raw_max is not None and raw_value > v.raw_max)):
+            return None, Quality.DEVICE_FAULT
+        value = scale(point, raw_value)
     except DecodeError:
         return None, Quality.DECODE
     if not in_range(point, value):

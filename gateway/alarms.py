@@ -1,6 +1,7 @@
-"""The alarm desk: runs the rule engine on every reading, drives local outputs, spools alarm events with
-priority, keeps the retained alarm state current, and takes acknowledgements (local socket or signed
-MQTT command). Link or no link, disk or no disk: outputs are driven before anything is stored.
+"""The alarm desk: runs the rule engine on every poll, drives local outputs, hands alarm events to storage
+with priority, keeps the retained alarm state current, and takes acknowledgements (local socket or signed
+MQTT command). Link or no link, disk or no disk: outputs are driven before anything is stored, and nothing
+here waits for a disk (storage takes events on its own thread).
 """
 
 from __future__ import annotations
@@ -10,25 +11,31 @@ import contextlib
 import json
 import logging
 import os
-from collections import deque
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import wire
 from .clock import Clock
+from .commands import Command, quote
+from .health import FAULT_RULE, Health
 from .model import Reading
-from .rules import AlarmEngine, Transition, UnknownRuleError
-from .spool import Spool, SpoolError
+from .rules import AlarmEngine, Level, Transition, UnknownRuleError
 
 log = logging.getLogger("yujing.alarms")
 
-MAX_UNSTORED_EVENTS = 10_000  # held in memory while the disk refuses them; the oldest go first past this
+MAX_BY = 64  # characters in who acknowledges
 
 
 class Outputs(Protocol):
     def update(self, levels: Any, transitions: Sequence[Transition]) -> None:
         """Recompute the desired outputs; must not block."""
+
+
+class EventSink(Protocol):
+    def append_events(self, events: Sequence[wire.Event]) -> None:
+        """Accept alarm events for storing and publishing; must not block or raise."""
 
 
 def to_wire_event(t: Transition) -> wire.Event:
@@ -42,51 +49,55 @@ class AlarmDesk:
         clock: Clock,
         *,
         session: int,
-        spool: Spool,
+        events: EventSink,
+        health: Health | None = None,
         outputs: Outputs | None = None,
         publish_state: Callable[[bytes], None] | None = None,
-        wake_uplink: Callable[[], None] | None = None,
-        command_key: bytes | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.session = session
-        self.spool = spool
+        self.events = events
+        self.health = health
         self.outputs = outputs
         self.publish_state = publish_state
-        self.wake_uplink = wake_uplink
-        self.command_key = command_key
-        self._unstored: deque[wire.Event] = deque(maxlen=MAX_UNSTORED_EVENTS)
-        self._seen_commands: deque[str] = deque(maxlen=1024)
         self.transitions = 0
+        self.last_tick: float | None = None  # real monotonic time of the last tick, for the watchdog
         self._published_states: list[wire.AlarmStatus] = []
+        if health is not None:
+            health.attach(self.gateway_event)
+            health.on_change(self._outputs_changed)
         if self.outputs is not None:
             self.outputs.update(self.levels(), [])  # restored latched alarms drive their outputs at once
 
     def levels(self) -> dict[str, Any]:
-        return {rule: state.level for rule, state in self.engine.snapshot().items()}
+        levels: dict[str, Any] = {rule: state.level for rule, state in self.engine.snapshot().items()}
+        levels[FAULT_RULE] = Level.IV_BLUE if self.health is not None and self.health.faulted else Level.NONE
+        return levels
 
     # ---------------------------------------------------------- inputs
 
     def on_readings(self, readings: Sequence[Reading]) -> None:
-        out: list[Transition] = []
-        evaluate = self.engine.evaluate
-        for r in readings:
-            out.extend(evaluate(r))
+        """One poll's readings, evaluated together (order-independent within the poll)."""
+        out = self.engine.evaluate_poll(readings)
         if out:
             self._handle(out)
 
     def tick(self) -> None:
+        self.last_tick = time.monotonic()
         out = self.engine.tick(self.clock.time_ms())
         if out:
             self._handle(out)
-        elif self._unstored:
-            self._store([])
         # A latch holding the level while the condition falls changes the state without a transition.
         if self.publish_state is not None and self._states() != self._published_states:
             self._publish_state()
 
     def acknowledge(self, rule: str, by: str) -> tuple[bool, str]:
+        """Acknowledge `rule` for `by` (1–64 printable characters: it goes into logs and events)."""
+        if not isinstance(by, str) or not by.strip() or len(by) > MAX_BY or not by.isprintable():
+            return False, f"'by' must name who acknowledges in 1–{MAX_BY} printable characters, got {quote(by)}"
+        if not isinstance(rule, str) or len(rule) > 64 or not rule.isprintable():
+            return False, f"no alarm rule {quote(rule)}"
         try:
             out = self.engine.acknowledge(rule, by, self.clock.time_ms())
         except UnknownRuleError as exc:
@@ -98,26 +109,21 @@ class AlarmDesk:
         state = self.engine.snapshot()[rule]
         return True, f"{rule} acknowledged by {by}; level now {state.level.name}" + (" (still latched: the condition holds)" if state.latched else "")
 
-    def handle_command(self, payload: bytes) -> bytes:
-        """A signed MQTT command → the reply payload. A rejected command changes nothing."""
-        try:
-            cmd = wire.decode_command(payload, self.command_key, now_ms=self.clock.time_ms())
-        except wire.WireError as exc:
-            request_id = _request_id(payload)
-            log.warning("command rejected: %s", exc)
-            return wire.encode_reply(request_id, False, str(exc))
-        if cmd.request_id in self._seen_commands:
-            return wire.encode_reply(cmd.request_id, False, f"command {cmd.request_id!r}: replayed (this id was already used)")
-        self._seen_commands.append(cmd.request_id)
-        ok, message = self.acknowledge(cmd.rule, cmd.by)
-        log.info("command %s (%s %s by %s): %s", cmd.request_id, cmd.command, cmd.rule, cmd.by, message)
-        return wire.encode_reply(cmd.request_id, ok, message)
+    def execute(self, cmd: Command) -> tuple[bool, str]:
+        """An authentic, fresh, non-replayed command (gateway.command_inbox) → (done, message)."""
+        if cmd.command == "ack":
+            return self.acknowledge(cmd.rule, cmd.by)
+        return False, f"unknown command {quote(cmd.command)}"
 
     def _states(self) -> list[wire.AlarmStatus]:
-        return [
+        states = [
             wire.AlarmStatus(s.rule, int(s.level), int(s.condition), s.latched, s.acked, s.fault, s.since_ms, s.fault_reason)
             for s in self.engine.snapshot().values()
         ]
+        if self.health is not None and self.health.faulted:
+            reason = "; ".join(f"{k}: {v}" for k, v in self.health.faults.items())[:500]
+            states.append(wire.AlarmStatus(FAULT_RULE, 1, 1, False, False, True, self.health.since_ms, reason))
+        return states
 
     def state_payload(self) -> bytes:
         return wire.encode_alarms(self.session, self.clock.time_ms(), self._states())
@@ -128,47 +134,39 @@ class AlarmDesk:
             self.publish_state(wire.encode_alarms(self.session, self.clock.time_ms(), self._published_states))
 
     def actuator_event(self, event: wire.Event) -> None:
-        """An output failed or recovered: spooled and published like an alarm transition."""
+        """An output failed or recovered: stored and published like an alarm transition."""
         level = logging.WARNING if event.kind == "actuator_fault" else logging.INFO
         log.log(level, "%s: %s", event.rule, event.message)
-        self._store([event])
+        self.events.append_events([event])
+
+    def gateway_event(self, event: wire.Event) -> None:
+        """A gateway fault raised or cleared (gateway.health): stored and published like an alarm event."""
+        self.events.append_events([event])
+
+    def _outputs_changed(self) -> None:
+        if self.outputs is not None:
+            self.outputs.update(self.levels(), [])
+        self._publish_state()
 
     # ---------------------------------------------------------- outputs
 
     def _handle(self, transitions: list[Transition]) -> None:
         self.transitions += len(transitions)
         if self.outputs is not None:
-            self.outputs.update(self.levels(), transitions)  # first: the siren does not wait for the disk
+            self.outputs.update(self.levels(), transitions)  # first: the siren does not wait for anything
         for t in transitions:
-            log.warning("alarm %s %s: %s -> %s: %s", t.rule, t.kind, t.old_level.name, t.new_level.name, t.message)
-        self._store([to_wire_event(t) for t in transitions])
+            if t.kind in ("fault", "fault_cleared", "acknowledged"):
+                log.warning("alarm %s %s: %s", t.rule, t.kind, t.message)
+            else:
+                log.warning("alarm %s %s: %s -> %s: %s", t.rule, t.kind, t.old_level.name, t.new_level.name, t.message)
+        self.events.append_events([to_wire_event(t) for t in transitions])
         self._publish_state()
-
-    def _store(self, events: list[wire.Event]) -> None:
-        pending = list(self._unstored) + events
-        try:
-            if pending:
-                self.spool.append_events(self.session, pending)
-        except SpoolError as exc:
-            self._unstored.extend(events)
-            log.error("%s: %d alarm events held in memory until the disk takes them; outputs keep running", exc, len(self._unstored))
-            return
-        self._unstored.clear()
-        if self.wake_uplink is not None:
-            self.wake_uplink()
-
-
-def _request_id(payload: bytes) -> str | None:
-    with contextlib.suppress(Exception):
-        import cbor2
-
-        msg = cbor2.loads(payload)
-        if isinstance(msg, dict) and isinstance(msg.get(wire.K_ID), str):
-            return msg[wire.K_ID][:64]
-    return None
 
 
 # ---------------------------------------------------------------- local control socket
+
+
+MAX_REQUEST = 4096  # bytes in one control request line
 
 
 class ControlServer:
@@ -187,7 +185,7 @@ class ControlServer:
             self.path.unlink()
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._client, path=str(self.path))
+            self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_REQUEST)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
@@ -200,22 +198,29 @@ class ControlServer:
             self.path.unlink()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Whatever a client sends, it gets one bounded answer and the socket server goes on.
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            reply = self._answer(line)
-        except (TimeoutError, ValueError) as exc:
-            reply = {"ok": False, "message": f"bad request: {exc}"}
-        writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                reply = self._answer(line)
+            except (TimeoutError, ValueError) as exc:  # ValueError: bad JSON, or a line over MAX_REQUEST
+                reply = {"ok": False, "message": f"bad request: {str(exc)[:200]}"}
+            except Exception as exc:
+                log.exception("control socket: request failed")
+                reply = {"ok": False, "message": f"internal error: {type(exc).__name__}"}
+            writer.write(json.dumps(reply, ensure_ascii=False, default=str).encode() + b"\n")
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.drain(), 5)
+        finally:
+            writer.close()
 
     def _answer(self, line: bytes) -> dict[str, Any]:
         req = json.loads(line or b"null")
         if not isinstance(req, dict):
             raise ValueError("expected a JSON object")
         if req.get("status"):
-            return {"ok": True, "alarms": [s.as_dict() for s in self.desk.engine.snapshot().values()]}
+            faults = dict(self.desk.health.faults) if self.desk.health is not None else {}
+            return {"ok": True, "alarms": [s.as_dict() for s in self.desk.engine.snapshot().values()], "gateway_faults": faults}
         rule, by = req.get("ack"), req.get("by")
         if not isinstance(rule, str) or not isinstance(by, str) or not by.strip():
             raise ValueError('expected {"ack": "<rule id>", "by": "<who>"}')

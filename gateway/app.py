@@ -1,14 +1,22 @@
 """The wiring: the only module that knows every stage.
 
-    buses ──readings──▶ sink ──▶ spool (SQLite, durable) ──▶ uplink (MQTT) ──▶ broker
-    (one scheduler        │              ▲ alarm events (first)        │ cmd (signed)
-     per bus)             ▼              │                             ▼
+    buses ──readings──▶ sink ──▶ storage (own thread) ──▶ spool (SQLite) ──▶ uplink (MQTT) ──▶ broker
+    (one scheduler        │              ▲ alarm events (first)                   │ cmd (COSE, verified)
+     per bus)             ▼              │                                        ▼
                        alarm desk ───────┴──── outputs (coils via the bus scheduler, GPIO, programs)
-                       (rule engine)  ◀── acknowledgements: control socket (`yujing ack`), MQTT cmd
+                       (rule engine)  ◀── acknowledgements: control socket (`yujing ack`), command inbox
 
-Start order: spool, alarm desk, uplink, then pollers. Stop order: pollers first, then the uplink, which
-publishes the clean death. Shutdown is a parameter (an asyncio.Event), set by SIGTERM/SIGINT in
-production and by the test or demo that runs the gateway.
+The safety core is the bus schedulers, the alarm desk (rules) and the outputs: the sink calls the desk
+before storage, and nothing in the core waits for a disk, a broker or a client. Every other stage — the
+uplink with its command inbox, storage, the control socket — runs under the supervisor: an exception is
+logged, counted, reported as a gateway_fault alarm event, and the stage restarts with backoff. The core
+tasks run under it too, as a net under their promise never to raise. A process that dies or hangs is
+systemd's to restart: the watchdog keep-alive is sent only while the core is healthy (gateway.systemd).
+
+Start order: storage (the spool opens synchronously, before the first poll, and never stops the start),
+alarm desk, outputs, then pollers, then the uplink. Stop order: pollers first, then the uplink, which
+publishes the clean death, then storage, which writes what it still holds. Shutdown is a parameter (an
+asyncio.Event), set by SIGTERM/SIGINT in production and by the test or demo that runs the gateway.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +35,18 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import BusConfig, Config
 from gateway.model import Reading
 from gateway.poll.bus import BusScheduler
-from gateway.spool import Spool, SpoolError
+from gateway.spool import Spool
 from gateway.uplink.mqtt import Identity, Uplink
 
-from . import wire
+from . import storefiles, wire
 from .alarms import AlarmDesk, ControlServer
-from .rules import AlarmEngine, FileStateStore
+from .command_inbox import CommandInbox
+from .commands import Keyring, ReplayStore
+from .health import Health
+from .rules import AlarmEngine, FileStateStore, RuleStateError
+from .storage import Storage
+from .supervise import Supervisor
+from .systemd import Notifier, Watchdog
 
 log = logging.getLogger("yujing.gateway")
 
@@ -42,49 +57,99 @@ def modbus_transport(bus: BusConfig) -> Transport:
     return ModbusTransport(bus.name, bus.settings)
 
 
+class StartupError(Exception):
+    """The gateway cannot start at all (its state directory cannot be created); the message says why."""
+
+
+class DeferredStateStore:
+    """The alarm engine's state store, saving on the storage thread (the engine never waits on a disk)."""
+
+    def __init__(self, file: FileStateStore, storage: Storage) -> None:
+        self.file = file
+        self.storage = storage
+
+    def load(self) -> dict[str, Any]:
+        return self.file.load()
+
+    def save(self, state: Any) -> None:
+        self.storage.save_state("alarm state", self.file.save, state)
+
+
 @dataclass
 class Gateway:
     config: Config
     clock: Clock = field(default_factory=SystemClock)
     transport_factory: TransportFactory = modbus_transport
     historical_after_s: float = 60.0
+    notifier: Notifier = field(default_factory=Notifier)
+    # Real time for what is about the real world (the watchdog, restart backoff, stalled disks), whatever
+    # clock the polls and rules run on (tests drive that one virtually).
+    liveness_clock: Clock = field(default_factory=SystemClock)
     # observable state, for `yujing run` logs, tests and the benchmark
     schedulers: list[BusScheduler] = field(default_factory=list)
     uplink: Uplink | None = None
-    spool: Spool | None = None
+    storage: Storage | None = None
     session: int = 0
     readings: int = 0
-    spool_errors: int = 0
     desk: AlarmDesk | None = None
     outputs: Any = None
+    inbox: CommandInbox | None = None
+    control: ControlServer | None = None
+    health: Health | None = None
+    supervisor: Supervisor | None = None
+    watchdog: Watchdog | None = None
     tick_s: float | None = 1.0  # None: no time-driven alarm ticks (tests that drive a virtual clock)
     stop_grace_s: float = 3.5  # SIGTERM to exit within 5 s, with the spool closed
+    sink_errors: int = 0
+
+    @property
+    def spool(self) -> Spool | None:
+        """The spool storage holds now (for tests and status; it is replaced if found corrupt)."""
+        return self.storage.spool if self.storage is not None else None
 
     def _sink(self, readings: list[Reading]) -> None:
+        """One poll, from a bus scheduler. Never raises: the poll loop must go on whatever happens here."""
         self.readings += len(readings)
-        if self.desk is not None:
-            self.desk.on_readings(readings)  # before the spool: a full disk must not delay a siren
-        if self.spool is None:  # not started yet
-            return
         try:
-            self.spool.append(self.session, readings)
-        except SpoolError as exc:
-            self.spool_errors += 1
-            if self.spool_errors == 1 or self.spool_errors % 1000 == 0:
-                log.error("%s (%d polls not stored so far); polling and alarms go on", exc, self.spool_errors)
-            return
-        if self.uplink is not None:
-            self.uplink.wake.set()
+            if self.desk is not None:
+                self.desk.on_readings(readings)  # first: a siren never waits for storage
+        except Exception as exc:
+            self._sink_failed("rules", exc)
+        try:
+            if self.storage is not None:
+                self.storage.append(readings)
+        except Exception as exc:
+            self._sink_failed("storage", exc)
+
+    def _sink_failed(self, what: str, exc: Exception) -> None:
+        self.sink_errors += 1
+        if self.sink_errors == 1 or self.sink_errors % 1000 == 0:
+            log.exception("%s failed on a poll (%d times); polling goes on", what, self.sink_errors)
+        if self.health is not None:
+            self.health.fault(f"stage.{what}", f"{what} failed on a poll: {type(exc).__name__}: {str(exc)[:200]}")
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        self.spool = Spool(cfg.spool.path, max_bytes=cfg.spool.max_bytes)
-        self.session = self.spool.start_session(cfg.catalogue, self.clock.time_ms())
-        log.info("site %s gateway %s: session %d, %d devices, %d points, spool %s (%d readings and %d messages waiting)",
-                 cfg.site.id, cfg.site.gateway, self.session, len(cfg.devices), len(cfg.catalogue), cfg.spool.path,
-                 self.spool.backlog(), len(self.spool.unsent(limit=1_000_000)))
-        self.uplink = Uplink(cfg.uplink, Identity(cfg.site.id, cfg.site.gateway, __version__), self.spool, self.session,
-                             self.clock, historical_after_s=self.historical_after_s)
+        health = self.health = Health(self.clock)
+        supervisor = self.supervisor = Supervisor(self.liveness_clock, health)
+        uplink_box: list[Uplink] = []
+        storage = self.storage = Storage(
+            cfg.spool.path, max_bytes=cfg.spool.max_bytes, liveness=self.liveness_clock.monotonic,
+            on_fault=health.fault, on_ok=health.ok, on_stored=lambda: uplink_box[0].wake.set() if uplink_box else None,
+        )
+        storage.bind(asyncio.get_running_loop())
+        try:
+            started = storage.open(cfg.catalogue, self.clock.time_ms())
+        except OSError as exc:
+            raise StartupError(f"state directory {cfg.state_dir}: cannot create it: {exc.strerror}; "
+                               f"create it for this user or set [spool] path in {cfg.path}") from exc
+        self.session = started.session
+        for note in started.notes:
+            health.note("storage.start", note)
+        self.uplink = uplink = Uplink(cfg.uplink, Identity(cfg.site.id, cfg.site.gateway, __version__), storage, self.session,
+                                      self.clock, historical_after_s=self.historical_after_s,
+                                      on_command_error=lambda exc: health.fault("stage.commands", f"command handling failed: {type(exc).__name__}: {exc}"))
+        uplink_box.append(uplink)
         base = 0
         bases: dict[str, int] = {}
         for d in cfg.devices:
@@ -97,40 +162,67 @@ class Gateway:
             for bus in cfg.buses
             if bus.name in used
         ]
-        control: ControlServer | None = None
-        if cfg.rules:
-            control = await self._start_alarms(self.spool, self.uplink)
+        self._start_alarms(storage, uplink, health)
+        log.info("site %s gateway %s: session %d, %d devices, %d points, %d alarm rules, %d actions, spool %s",
+                 cfg.site.id, cfg.site.gateway, self.session, len(cfg.devices), len(cfg.catalogue), len(cfg.rules),
+                 len(cfg.actions), cfg.spool.path)
+        self.watchdog = Watchdog(self.notifier, self.liveness_clock, [*(s.stuck for s in self.schedulers), self._ticking],
+                                 status=self._status_line)
         try:
             async with asyncio.TaskGroup() as tg:
-                uplink_task = tg.create_task(self.uplink.run(stop), name="uplink")
-                helpers = []
+                core = [tg.create_task(supervisor.run(f"bus-{s.bus.name}", s.run, core=True), name=f"bus-{s.bus.name}")
+                        for s in self.schedulers]
                 if self.outputs is not None:
-                    helpers.append(tg.create_task(self.outputs.run(), name="outputs"))
-                if self.desk is not None and self.tick_s is not None:
-                    helpers.append(tg.create_task(self._ticker(self.desk, self.tick_s), name="alarm-tick"))
-                pollers = [tg.create_task(s.run(), name=f"bus-{s.bus.name}") for s in self.schedulers]
+                    core.append(tg.create_task(supervisor.run("outputs", self.outputs.run, core=True), name="outputs"))
+                if self.tick_s is not None:
+                    core.append(tg.create_task(supervisor.run("alarm-tick", self._ticker, core=True), name="alarm-tick"))
+                core.append(tg.create_task(self.watchdog.run(), name="watchdog"))
+                helpers = [
+                    tg.create_task(supervisor.run("storage", storage.run), name="storage"),
+                    tg.create_task(supervisor.run("control", self._serve_control), name="control"),
+                    tg.create_task(supervisor.watch({"storage": self._storage_probe}), name="probes"),
+                ]
+                uplink_stop = asyncio.Event()  # set once the last polls are in the spool
+                uplink_task = tg.create_task(supervisor.run("uplink", lambda: uplink.run(uplink_stop)), name="uplink")
+                self.notifier.send("READY=1", f"STATUS={self._status_line()}")
                 await stop.wait()
+                self.notifier.send("STOPPING=1")
+                pollers = [t for t in core if t.get_name().startswith("bus-")]
                 await stop_tasks(pollers)
+                await storage.flush(timeout_s=1.0)
+                uplink_stop.set()
                 try:
                     # The death goes out and the broker connection closes, or we stop without them: an
                     # unattended gateway must never hang on its way down (the will covers a missed death).
                     await asyncio.wait_for(uplink_task, self.stop_grace_s)
                 except TimeoutError:
                     log.warning("uplink did not close within %.1fs; stopping without a clean disconnect", self.stop_grace_s)
-                await stop_tasks(helpers)
+                    await stop_tasks([uplink_task])
+                await stop_tasks([t for t in core if t not in pollers] + helpers)
         finally:
-            if control is not None:
-                await control.close()
+            if self.control is not None:
+                await self.control.close()
             if self.outputs is not None:
                 self.outputs.close()
-            self.spool.close()
+            if self.desk is not None:
+                self.desk.engine.save()  # the rate and accumulation windows, up to this moment
+            await storage.close()
 
-    async def _start_alarms(self, spool: Spool, uplink: Uplink) -> ControlServer:
+    def _start_alarms(self, storage: Storage, uplink: Uplink, health: Health) -> None:
         cfg = self.config
-        engine = AlarmEngine(cfg.rules, cfg.resolve_point, store=FileStateStore(cfg.state_dir / "alarms.json"))
+        state_file = FileStateStore(cfg.state_dir / "alarms.json")
+        store = DeferredStateStore(state_file, storage)
+        try:
+            engine = AlarmEngine(cfg.rules, cfg.resolve_point, store=store)
+        except RuleStateError as exc:
+            # An unreadable alarm state must not keep the alarms from running: set it aside, start fresh, say so.
+            aside = storefiles.quarantine(state_file.path) if state_file.path.exists() else None
+            health.note("storage.alarm_state", f"{exc}; " + (f"moved to {aside.name}; " if aside else "")
+                        + "latched alarms and rain/rate windows from before this start are lost: check the site")
+            engine = AlarmEngine(cfg.rules, cfg.resolve_point, store=store)
         desk: AlarmDesk | None = None
 
-        def actuator_event(e: Any) -> None:  # ActuatorEvent → a spooled, published alarm event
+        def actuator_event(e: Any) -> None:  # ActuatorEvent → a stored, published alarm event
             if desk is not None:
                 desk.actuator_event(wire.Event(e.kind, e.action, 0, 0, e.ts_ms, {}, e.message))
 
@@ -139,22 +231,60 @@ class Gateway:
 
             self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock,
                                             on_event=actuator_event)
-        key = cfg.uplink.command_key_file.read_bytes().strip() if cfg.uplink.command_key_file else None
-        desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, spool=spool, outputs=self.outputs,
-                                     publish_state=uplink.alarm_state, wake_uplink=uplink.wake.set, command_key=key)
-        uplink.commands = desk.handle_command
+        desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, events=storage, health=health,
+                                     outputs=self.outputs, publish_state=uplink.alarm_state)
+        self.inbox = self._command_inbox(desk, storage, health)
+        uplink.commands = self.inbox.handle
         desk.tick()  # publishes the restored state (latched alarms survive restarts)
-        control = ControlServer(cfg.state_dir / "control.sock", desk)
-        await control.start()
-        log.info("%d alarm rules, %d actions; acknowledge locally with: yujing ack %s RULE --by NAME",
-                 len(cfg.rules), len(cfg.actions), cfg.path)
-        return control
+        self.control = ControlServer(cfg.state_dir / "control.sock", desk)
 
-    async def _ticker(self, desk: AlarmDesk, every_s: float) -> None:
-        """Time-driven alarm logic (stale inputs, off-delays, season windows) and held events."""
+    def _command_inbox(self, desk: AlarmDesk, storage: Storage, health: Health) -> CommandInbox:
+        cfg = self.config
+        try:
+            keys = Keyring.from_files(cfg.uplink.command_public_key_files)
+        except ValueError as exc:  # checked with the configuration; changed on disk since
+            health.fault("commands", f"{exc}; remote commands are refused until it is fixed")
+            keys = Keyring(())
+        replay = ReplayStore(cfg.state_dir / "commands.json")
+        replay.load()
+        if replay.lost:
+            health.note("storage.commands", replay.lost)
+
+        async def save_counters(counters: Any) -> None:
+            await storage.run_io(replay.save, counters)
+
+        return CommandInbox(keys, replay, site=cfg.site.id, gateway=cfg.site.gateway, clock=self.clock,
+                            execute=desk.execute, save_counters=save_counters)
+
+    async def _serve_control(self) -> None:
+        assert self.control is not None
+        await self.control.start()
+        log.info("acknowledge alarms locally with: yujing ack %s RULE --by NAME", self.config.path)
+        await asyncio.Event().wait()  # serve until cancelled
+
+    async def _ticker(self) -> None:
+        """Time-driven alarm logic (stale inputs, off-delays, season windows) and the state it publishes."""
+        assert self.desk is not None and self.tick_s is not None
         while True:
-            await self.clock.sleep(every_s)
-            desk.tick()
+            self.desk.tick()
+            await self.clock.sleep(self.tick_s)
+
+    def _ticking(self) -> str | None:
+        """For the watchdog: the alarm ticker must have run within the last ten ticks (real seconds)."""
+        if self.tick_s is None or self.desk is None or self.desk.last_tick is None:
+            return None
+        late = time.monotonic() - self.desk.last_tick
+        return f"alarm ticks stopped {late:.0f} s ago" if late > 10 * self.tick_s + 5 else None
+
+    def _storage_probe(self) -> str | None:
+        assert self.storage is not None
+        busy = self.storage.busy_s()
+        return f"a disk operation has been running for {busy:.0f} s (disk stalled?)" if busy > 60 else None
+
+    def _status_line(self) -> str:
+        faults = len(self.health.faults) if self.health else 0
+        link = "uplink connected" if self.uplink is not None and self.uplink.connected else "uplink down"
+        return f"session {self.session}, {len(self.schedulers)} buses polling, {self.readings} readings, {link}, {faults} faults"
 
 
 async def stop_tasks(tasks: list[asyncio.Task[Any]], *, retry_s: float = 0.5) -> None:

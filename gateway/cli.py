@@ -52,18 +52,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .app import Gateway, run_until_signalled
+def _load_or_explain(path: str):  # type: ignore[no-untyped-def]
+    """The site configuration, or None after printing every problem (file:line: key: what is wrong)."""
     from .config import ConfigError, load
 
     try:
-        cfg = load(args.config)
+        return load(path)
     except ConfigError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import Gateway, StartupError, run_until_signalled
+
+    cfg = _load_or_explain(args.config)
+    if cfg is None:
         return 2
-    asyncio.run(run_until_signalled(Gateway(cfg)))
+
+    try:
+        asyncio.run(run_until_signalled(Gateway(cfg)))
+    except StartupError as exc:
+        print(f"yujing run: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _tls_and_password(args: argparse.Namespace) -> tuple[object | None, str | None]:
+    """The TLS context and password the MQTT options ask for (shared by consume and send-ack)."""
+    password = Path(args.password_file).read_text(encoding="utf-8").strip() if args.password_file else None
+    tls = None
+    if args.tls or args.ca_file:
+        import ssl
+
+        tls = ssl.create_default_context(cafile=args.ca_file)
+        if args.cert_file:
+            tls.load_cert_chain(args.cert_file, args.key_file)
+    return tls, password
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
@@ -84,20 +110,29 @@ def cmd_consume(args: argparse.Namespace) -> int:
     topic = args.topic
     if args.share:
         topic = f"$share/{args.share}/{topic}"
-    password = Path(args.password_file).read_text().strip() if args.password_file else None
-    tls = None
-    if args.tls or args.ca_file:
-        import ssl
-
-        tls = ssl.create_default_context(cafile=args.ca_file)
-        if args.cert_file:
-            tls.load_cert_chain(args.cert_file, args.key_file)
+    try:
+        tls, password = _tls_and_password(args)
+    except OSError as exc:
+        print(f"yujing consume: {exc}", file=sys.stderr)
+        return 2
+    # A persistent session: while this consumer reconnects (a broker restart, a network blip) the broker
+    # keeps its QoS 1 messages, and the decoder keeps its sequence and duplicate accounting.
+    client_id = args.client_id or f"yujing-consume-{os.getpid()}"
 
     def factory() -> aiomqtt.Client:
+        v5 = args.protocol == "5"
+        properties = None
+        if v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = args.session_expiry
         return aiomqtt.Client(
             host, port, username=args.username, password=password, tls_context=tls,
-            protocol=aiomqtt.ProtocolVersion.V5 if args.protocol == "5" else aiomqtt.ProtocolVersion.V311,
-            identifier=args.client_id or None, clean_session=None if args.protocol == "5" else True,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            identifier=client_id, clean_session=None if v5 else False, clean_start=False if v5 else 3,
+            properties=properties,
         )
 
     def out(rec: dict) -> None:
@@ -121,22 +156,15 @@ def cmd_consume(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
-    except aiomqtt.MqttError as exc:
-        print(f"yujing consume: broker {host}:{port}: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
     """Acknowledge an alarm on this gateway, through its local control socket (works with the uplink down)."""
     from .alarms import control_request
-    from .config import ConfigError, load
 
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        for line in exc.lines():
-            print(line, file=sys.stderr)
+    cfg = _load_or_explain(args.config)
+    if cfg is None:
         return 2
     sock = cfg.state_dir / "control.sock"
     request = {"status": True} if args.rule is None else {"ack": args.rule, "by": args.by}
@@ -155,45 +183,112 @@ def cmd_ack(args: argparse.Namespace) -> int:
 
 
 def cmd_send_ack(args: argparse.Namespace) -> int:
-    """Platform side: send a signed acknowledgement over MQTT and print the gateway's reply."""
-    import time
+    """Platform side: send a signed (COSE_Sign1, Ed25519) acknowledgement over MQTT; print the gateway's reply."""
     import uuid
 
     import aiomqtt
 
-    from . import wire
+    from . import commands, wire
     from .consumer import parse_broker
 
-    host, port = parse_broker(args.broker)
-    key = Path(args.key_file).read_bytes().strip()
+    try:
+        host, port = parse_broker(args.broker)
+        key = commands.load_private_key(Path(args.signing_key))
+        tls, password = _tls_and_password(args)
+    except (ValueError, OSError) as exc:
+        print(f"yujing send-ack: {exc}", file=sys.stderr)
+        return 2
     request_id = uuid.uuid4().hex[:16]
-    payload = wire.sign_command(wire.command_body("ack", args.rule, args.by, request_id, time.time_ns() // 1_000_000), key)
+    payload = commands.sign_command(key, site=args.site, gateway=args.gateway, command="ack", rule=args.rule, by=args.by,
+                                    request_id=request_id)
+    mine = commands.digest(payload)
     prefix = f"{args.prefix}/{args.site}/{args.gateway}"
 
     async def main() -> tuple[bool, str]:
-        async with aiomqtt.Client(host, port) as client:
+        async with aiomqtt.Client(host, port, username=args.username, password=password, tls_context=tls,
+                                  protocol=aiomqtt.ProtocolVersion.V5 if args.protocol == "5" else aiomqtt.ProtocolVersion.V311) as client:
             await client.subscribe(f"{prefix}/reply", qos=1)
             await client.publish(f"{prefix}/cmd", payload, qos=1)
             async with asyncio.timeout(args.timeout):
                 async for m in client.messages:
-                    rid, ok, message = wire.decode_reply(bytes(m.payload))
-                    if rid == request_id:
-                        return ok, message
+                    try:
+                        reply = wire.decode_reply(bytes(m.payload))  # type: ignore[arg-type]
+                    except wire.WireError:
+                        continue
+                    if reply.digest == mine or reply.request_id == request_id:
+                        return reply.ok, reply.message
         return False, "no reply"
 
     try:
         ok, message = asyncio.run(main())
     except TimeoutError:
-        print(f"no reply from {prefix} within {args.timeout}s", file=sys.stderr)
+        print(f"no reply from {prefix} within {args.timeout}s (is the gateway connected? is this its site and gateway id?)", file=sys.stderr)
+        return 1
+    except aiomqtt.MqttError as exc:
+        print(f"yujing send-ack: broker {host}:{port}: {exc}", file=sys.stderr)
         return 1
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
+
+
+def cmd_command_key(args: argparse.Namespace) -> int:
+    """Make the platform's command-signing key pair."""
+    from . import commands
+
+    try:
+        public, kid = commands.new_key_pair(Path(args.file))
+    except (commands.KeyFileError, OSError) as exc:
+        print(f"yujing command-key: {exc}", file=sys.stderr)
+        return 1
+    print(f"signing key (keep it on the platform, mode 0600): {args.file}")
+    print(f"public key (give it to the gateways as uplink.command_public_key_file): {public}")
+    print(f"key id: {kid.hex()}")
+    return 0
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """Write the systemd unit for a site file."""
+    from .systemd import unit_text
+
+    cfg = _load_or_explain(args.config)
+    if cfg is None:
+        return 2
+    target = Path(args.target)
+    unit = target / args.name
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        unit.write_text(unit_text(Path(args.config), cfg.state_dir, user=None if args.user == "root" else args.user,
+                                  watchdog_s=args.watchdog, name=args.name), encoding="utf-8")
+    except OSError as exc:
+        print(f"yujing service install: {unit}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {unit}")
+    if target.resolve() != Path("/etc/systemd/system"):
+        print(f"install it with: sudo cp {unit} /etc/systemd/system/ && sudo systemctl daemon-reload")
+    else:
+        print("now run: sudo systemctl daemon-reload")
+    print(f"then: sudo systemctl enable --now {args.name}   (logs: journalctl -u {args.name} -f)")
+    if args.user != "root":
+        print(f"the service runs as user {args.user!r}: create it (sudo useradd --system --groups dialout {args.user}) and give it "
+              f"{cfg.state_dir} (sudo install -d -o {args.user} -m 0700 {cfg.state_dir})")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return asyncio.run(run_demo(duration=args.duration, workdir=args.workdir, broker=args.broker))
+
+
+def _mqtt_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--broker", required=True, metavar="HOST:PORT", help="the MQTT broker, e.g. 127.0.0.1:1883 (8883 with --tls)")
+    s.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version (default: %(default)s)")
+    s.add_argument("--username")
+    s.add_argument("--password-file", help="a file holding the password (never on the command line)")
+    s.add_argument("--tls", action="store_true", help="TLS, verified against the system CAs or --ca-file")
+    s.add_argument("--ca-file", help="CA certificate to verify the broker with (implies --tls)")
+    s.add_argument("--cert-file", help="client certificate (PEM)")
+    s.add_argument("--key-file", help="client certificate's private key (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,18 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", metavar="SITE.toml")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("consume", help="subscribe, validate, decode and print readings as JSON lines")
-    s.add_argument("--broker", required=True, metavar="HOST:PORT")
-    s.add_argument("--topic", default="yujing/v1/#", metavar="FILTER")
+    s = sub.add_parser("consume", help="subscribe, validate, decode and print readings as JSON lines",
+                       description="Decode what gateways and nodes publish and print one JSON line per reading or alarm "
+                                   "event (stdout); gaps, duplicates and rejected messages go to stderr. Reconnects by "
+                                   "itself with a persistent session, so nothing queued is missed across a broker restart.")
+    _mqtt_options(s)
+    s.add_argument("--topic", default="yujing/v1/#", metavar="FILTER", help="topic filter (default: %(default)s)")
     s.add_argument("--share", metavar="GROUP", help="MQTT 5 shared subscription group: consumers in one group split the stream")
-    s.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
-    s.add_argument("--username")
-    s.add_argument("--password-file")
-    s.add_argument("--tls", action="store_true")
-    s.add_argument("--ca-file")
-    s.add_argument("--cert-file")
-    s.add_argument("--key-file")
-    s.add_argument("--client-id")
+    s.add_argument("--client-id", help="MQTT client id; give a fixed one to keep the session across restarts of this command")
+    s.add_argument("--session-expiry", type=int, default=3600, metavar="S",
+                   help="MQTT 5: how long the broker keeps this consumer's session while it is away (default: %(default)s s)")
     s.add_argument("--no-validate", action="store_true", help="skip CDDL validation")
     s.add_argument("--duration", type=float, help="stop after SECONDS")
     s.set_defaults(func=cmd_consume)
@@ -232,16 +325,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by", default=os.environ.get("USER", "local"), help="who acknowledges (default: $USER)")
     s.set_defaults(func=cmd_ack)
 
-    s = sub.add_parser("send-ack", help="platform side: send a signed acknowledgement to a gateway over MQTT")
-    s.add_argument("--broker", required=True, metavar="HOST:PORT")
+    s = sub.add_parser("send-ack", help="platform side: send a signed acknowledgement to a gateway over MQTT",
+                       description="Sign an acknowledgement with the platform's Ed25519 key (COSE_Sign1) and send it to one "
+                                   "gateway; print its reply. The counter against replay is the time in microseconds.")
+    _mqtt_options(s)
     s.add_argument("--site", required=True)
     s.add_argument("--gateway", required=True)
-    s.add_argument("--key-file", required=True, help="the gateway's command key (its uplink.command_key_file)")
-    s.add_argument("--prefix", default="yujing/v1")
-    s.add_argument("--by", required=True)
-    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--signing-key", required=True, metavar="FILE",
+                   help="the platform's Ed25519 private key (PEM, mode 0600; made by `yujing command-key new`)")
+    s.add_argument("--prefix", default="yujing/v1", help="topic prefix (default: %(default)s)")
+    s.add_argument("--by", required=True, help="who acknowledges (1-64 printable characters)")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply (default: %(default)s)")
     s.add_argument("rule", metavar="RULE")
     s.set_defaults(func=cmd_send_ack)
+
+    s = sub.add_parser("command-key", help="make the platform's command-signing key pair")
+    ks = s.add_subparsers(dest="action", required=True)
+    k = ks.add_parser("new", help="write FILE (private, 0600) and FILE.pub (public, for the gateways)")
+    k.add_argument("file", metavar="FILE")
+    k.set_defaults(func=cmd_command_key)
+
+    s = sub.add_parser("service", help="systemd: the unit that runs, watches and restarts the gateway")
+    ss = s.add_subparsers(dest="action", required=True)
+    k = ss.add_parser("install", help="write the unit for a site file (Type=notify, WatchdogSec, Restart=always)")
+    k.add_argument("config", metavar="SITE.toml")
+    k.add_argument("--target", default="/etc/systemd/system", help="directory to write it to (default: %(default)s)")
+    k.add_argument("--name", default="yujing.service", help="unit file name (default: %(default)s)")
+    k.add_argument("--user", default="yujing", help="user the gateway runs as ('root' for none; default: %(default)s)")
+    k.add_argument("--watchdog", type=int, default=30, metavar="S", help="WatchdogSec (default: %(default)s)")
+    k.set_defaults(func=cmd_service)
 
     s = sub.add_parser("demo", help="a whole simulated site: devices, gateway, broker and consumer, no hardware")
     s.add_argument("--duration", type=float, help="stop by itself after SECONDS")

@@ -25,6 +25,7 @@ from device_drivers.registers import (
     REGISTER_BIT_TYPE,
     WORD_TYPES,
     PointSpec,
+    PointValidity,
     Table,
 )
 
@@ -85,7 +86,9 @@ class UplinkConfig:
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
     drain_rate: float = 0.0  # backlog readings per second after an outage; 0: as fast as the broker takes
-    command_key_file: Path | None = None  # HMAC key for signed MQTT commands; none: remote commands refused
+    # The platform's Ed25519 public keys (PEM) that may sign commands (several during a key rotation);
+    # none: remote commands are refused. The private key never leaves the platform.
+    command_public_key_files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,14 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
     bmin = r.get("backoff_min_s", NUMBER, 1.0, check=_positive, hint="> 0")
     bmax = r.get("backoff_max_s", NUMBER, 60.0, check=_positive, hint="> 0")
     drain_rate = r.get("drain_rate", NUMBER, 0, check=_non_negative, hint="readings per second, 0 = as fast as the broker accepts")
-    command_key = _resolve(base, r.get("command_key_file", str, None))
+    raw_keys = r.get("command_public_key_file", (str, list), None,
+                     check=lambda v: isinstance(v, str) or (bool(v) and all(isinstance(x, str) for x in v)),
+                     hint="a PEM file, or an array of them (key rotation)")
+    key_paths = tuple(p for p in (_resolve(base, x) for x in ([raw_keys] if isinstance(raw_keys, str) else raw_keys or [])) if p)
+    if "command_key_file" in r.table:
+        r.table.pop("command_key_file")
+        r.error("command_key_file", "shared HMAC command keys are retired (a stolen gateway could sign for all the others): "
+                "give the platform's Ed25519 public key in command_public_key_file (make a pair with: yujing command-key new FILE)")
     if "password" in r.table:
         r.table.pop("password")
         r.error("password", "secrets are not written inline: put the password in a file (mode 0600) and name it in password_file")
@@ -325,8 +335,8 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
             r.error("password_file", "a password without a username is never sent: set username too")
     if key is not None:
         _check_secret(r, "key_file", key)
-    if command_key is not None:
-        _check_secret(r, "command_key_file", command_key)
+    for i, key_path in enumerate(key_paths):
+        _check_public_key(r, "command_public_key_file" + (f"[{i}]" if isinstance(raw_keys, list) else ""), key_path)
     for name, path in (("ca_file", ca), ("cert_file", cert)):
         if path is not None and not path.is_file():
             r.error(name, f"{path} does not exist")
@@ -344,18 +354,43 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
         host=host, port=port, protocol=protocol, topic_prefix=prefix, client_id=client_id, username=username,
         password_file=password_file, tls=tls, ca_file=ca, cert_file=cert, key_file=key, keepalive_s=keepalive,
         batch_max=batch_max, batch_delay_s=float(batch_delay), backoff_min_s=float(bmin or 1.0), backoff_max_s=float(bmax or 60.0),
-        drain_rate=float(drain_rate or 0), command_key_file=command_key,
+        drain_rate=float(drain_rate or 0), command_public_key_files=key_paths,
     )
 
 
-def _check_secret(r: Reader, name: str, path: Path) -> None:
+def _check_public_key(r: Reader, name: str, path: Path) -> None:
+    """A verification key must be an Ed25519 public key, and nobody but its owner may change it (whoever
+    can replace it can command the gateway). Being readable is fine: it is public."""
+    from .commands import KeyFileError, load_public_key
+
+    mode = _regular_file(r, name, path)
+    if mode is None:
+        return
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        r.error(name, f"{path} can be changed by others (mode {stat.S_IMODE(mode):04o}); run: chmod 644 {path}")
+        return
+    try:
+        load_public_key(path)
+    except KeyFileError as exc:
+        r.errors.append(Problem(r.key(name), str(exc)))
+
+
+def _regular_file(r: Reader, name: str, path: Path) -> int | None:
+    """The file's mode, or None after reporting why it cannot be used."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
         r.error(name, f"cannot read {path}: {exc.strerror}")
-        return
+        return None
     if not stat.S_ISREG(mode):
         r.error(name, f"{path} is not a file")
+        return None
+    return mode
+
+
+def _check_secret(r: Reader, name: str, path: Path) -> None:
+    mode = _regular_file(r, name, path)
+    if mode is None:
         return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         r.error(name, f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
@@ -416,6 +451,8 @@ def _point(r: Reader, device_max: int) -> PointSpec | None:
     unit = r.get("unit", str, "")
     vmin = r.get("min", NUMBER, None)
     vmax = r.get("max", NUMBER, None)
+    fault_table = r.get("fault", dict, None)
+    validity = _validity(Reader(fault_table, r.key("fault"), r.errors), dtype) if fault_table is not None else None
     r.finish()
     if dtype is not None:
         if table.is_bits and dtype not in BIT_TYPES:
@@ -438,8 +475,31 @@ def _point(r: Reader, device_max: int) -> PointSpec | None:
         return None
     return PointSpec(
         name=name, table=table, address=address, type=dtype, byte_order=byte_order or "big", word_order=word_order or "big",
-        bit=bit, scale=_decimal(scale or 1), offset=_decimal(offset or 0), unit=unit, min=vmin, max=vmax,
+        bit=bit, scale=_decimal(scale or 1), offset=_decimal(offset or 0), unit=unit, min=vmin, max=vmax, validity=validity,
     )
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _validity(r: Reader, dtype: str | None) -> PointValidity | None:
+    """`fault = { codes = [65535], raw_min = 3800, raw_max = 20500, flags = ["sensor_fault"], valid = ["ok"] }`"""
+    codes = r.get("codes", list, [], check=lambda v: all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                  hint="raw register values (integers) that mean the reading is not valid")
+    raw_min = r.get("raw_min", NUMBER, None)
+    raw_max = r.get("raw_max", NUMBER, None)
+    flags = r.get("flags", list, [], check=_names, hint="names of points of this device: fault while true")
+    valid = r.get("valid", list, [], check=_names, hint="names of points of this device: fault while false")
+    r.finish()
+    if raw_min is not None and raw_max is not None and raw_min > raw_max:
+        r.error("raw_min", f"{raw_min} is more than raw_max {raw_max}")
+    if (codes or raw_min is not None or raw_max is not None) and dtype in ("bool", REGISTER_BIT_TYPE):
+        r.error("codes" if codes else "raw_min", "raw fault codes and ranges are for register values, not single bits")
+    if not (codes or raw_min is not None or raw_max is not None or flags or valid):
+        r.error("", "says nothing: give codes, raw_min/raw_max, flags or valid")
+        return None
+    return PointValidity(frozenset(codes or ()), raw_min, raw_max, tuple(flags or ()), tuple(valid or ()))
 
 
 def _device(r: Reader) -> tuple[DeviceConfig | None, list[tuple[int, PointSpec]]]:
@@ -470,6 +530,17 @@ def _device(r: Reader) -> tuple[DeviceConfig | None, list[tuple[int, PointSpec]]
         if p.name in seen:
             r.errors.append(Problem(f"{r.path}.points[{j}].name", f"point {p.name!r} is already defined at points[{seen[p.name]}]"))
         seen.setdefault(p.name, j)
+    for j, p in points:
+        if p.validity is None:
+            continue
+        for key in ("flags", "valid"):
+            for k, status in enumerate(getattr(p.validity, key)):
+                if status == p.name:
+                    r.errors.append(Problem(f"{r.path}.points[{j}].fault.{key}[{k}]", f"{status!r} is this point itself"))
+                elif status not in seen:
+                    known = ", ".join(sorted(seen)) or "none"
+                    r.errors.append(Problem(f"{r.path}.points[{j}].fault.{key}[{k}]",
+                                            f"no point {status!r} on this device (its points: {known}); a status point must be read in the same poll"))
     _check_overlaps(r, points)
     if None in (name, bus, unit, interval):
         return None, points
@@ -631,7 +702,10 @@ def _actions(raw: list[Any], cfg: Config, rules: tuple[Any, ...], errors: list[P
         errors.append(Problem("actions", "this build has no alarm actions"))
         return ()
     try:
-        return tuple(parse_actions(raw, "actions", buses={b.name: b.kind for b in cfg.buses}, rule_ids=[r.id for r in rules]))
+        from .health import FAULT_RULE
+
+        rule_ids = [r.id for r in rules] + [FAULT_RULE]  # an output may follow the gateway's own fault (a fault lamp)
+        return tuple(parse_actions(raw, "actions", buses={b.name: b.kind for b in cfg.buses}, rule_ids=rule_ids))
     except ActionConfigError as exc:
         errors.append(Problem(exc.path or "actions", exc.reason))
         return ()

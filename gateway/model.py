@@ -20,6 +20,7 @@ class Quality(enum.IntEnum):
     OUT_OF_RANGE = 4  # outside the point's declared min/max
     OFFLINE = 5  # device is offline and was not polled this cycle
     TRANSPORT = 6  # port or connection unavailable
+    DEVICE_FAULT = 7  # the device says its reading is not valid: a status bit, a fault code, a dead 4-20 mA loop
     # Modbus exception n is sent as MODBUS_EXCEPTION | n (0x81 illegal function, 0x82 illegal address, ...)
     MODBUS_EXCEPTION = 0x80
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import cbor2
 
+from . import cborcheck
 from .model import PointInfo, Reading, Value, quality_name
 
 FORMAT_VERSION = 1
@@ -48,18 +49,15 @@ K_REASON = 14
 
 K_EVENTS = 15
 K_ALARMS = 16
-K_COMMAND = 20
-K_RULE = 21
-K_BY = 22
+K_COMMAND = 20  # 20–24 and 28 are the fields of a command's signed payload (gateway.commands)
 K_ID = 23
-K_TS = 24
-K_MAC = 25
 K_OK = 26
 K_MESSAGE = 27
+K_DIGEST = 29
 
 # alarm event kinds, in wire order
 EVENT_KINDS = ("raised", "escalated", "de_escalated", "cleared", "acknowledged", "fault", "fault_cleared",
-               "actuator_fault", "actuator_ok")
+               "actuator_fault", "actuator_ok", "gateway_fault", "gateway_ok")
 LEVEL_NAMES = ("none", "IV_blue", "III_yellow", "II_orange", "I_red")
 
 DEATH_CLEAN = 0
@@ -72,6 +70,14 @@ MESSAGE_TYPES = ("birth", "data", "death", "alarm", "alarms", "cmd", "reply")
 
 class WireError(ValueError):
     """A payload or topic that does not follow the wire format; the message says which part."""
+
+
+MAX_MESSAGE_BYTES = 1024 * 1024
+# What a decoder accepts before cbor2 builds anything (gateway.cborcheck): the format's own shapes only.
+# No bignums (so every integer fits 64 bits), decimal fractions with a bounded exponent, int map keys.
+RECEIVE_POLICY = cborcheck.Policy(max_bytes=MAX_MESSAGE_BYTES, max_depth=8, max_items=600_000, max_string=4096,
+                                  tags=frozenset({4}), floats=True)
+INT64 = 1 << 63
 
 
 # ---------------------------------------------------------------- topics
@@ -115,28 +121,41 @@ def _binary_exact(d: Decimal) -> bool:
 
 def wire_value(v: Value) -> Any:
     """Map a reading value to what cbor2 should encode (see module docstring)."""
-    if v is None or isinstance(v, (bool, int, float)):
+    if v is None or isinstance(v, (bool, float)):
         return v
+    if isinstance(v, int):
+        # 64-bit registers always fit; a larger integer (a huge scale) would be a bignum, which decoders refuse.
+        return v if -(1 << 64) <= v < (1 << 64) else _decimal_or_float(Decimal(v))
     if isinstance(v, Decimal):
         if not v.is_finite():
             raise WireError(f"value {v}: not finite")
-        if v == v.to_integral_value():
+        if v == v.to_integral_value() and -(1 << 64) <= v < (1 << 64):
             return int(v)
         if _binary_exact(v):
             f = float(v)
             if math.isfinite(f) and Decimal(f) == v:
                 return f
-        sign, digits, exp = v.normalize().as_tuple()
-        mantissa = int("".join(map(str, digits)))
-        return cbor2.CBORTag(4, [exp, -mantissa if sign else mantissa])
+        return _decimal_or_float(v)
     raise WireError(f"value {v!r}: unsupported type {type(v).__name__}")
 
 
+def _decimal_or_float(v: Decimal) -> Any:
+    """Tag 4 [exponent, mantissa] when it fits the format's bounds (64-bit mantissa, exponent within ±30);
+    otherwise the nearest float64 (only a scale far outside any instrument's range gets there)."""
+    sign, digits, exp = v.normalize().as_tuple()
+    mantissa = int("".join(map(str, digits)))
+    if isinstance(exp, int) and abs(exp) <= RECEIVE_POLICY.decimal_exponent and mantissa < (1 << 64):
+        return cbor2.CBORTag(4, [exp, -mantissa if sign else mantissa])
+    return float(v)
+
+
 def decode_value(v: Any) -> Value:
-    if isinstance(v, cbor2.CBORTag) and v.tag == 4:
+    if v is None or isinstance(v, (bool, int, float, Decimal)):
+        return v
+    if isinstance(v, cbor2.CBORTag) and v.tag == 4:  # cbor2 builds Decimals itself; older ones left the tag
         exp, mantissa = v.value
         return Decimal(mantissa).scaleb(exp)
-    return v
+    raise WireError(f"a value of type {type(v).__name__} (expected null, a bool, a number or a decimal fraction)")
 
 
 # ---------------------------------------------------------------- encoding
@@ -253,21 +272,13 @@ def encode_alarms(session: int, ts_ms: int, states: Sequence[AlarmStatus]) -> by
     return cbor2.dumps({K_VERSION: FORMAT_VERSION, K_SESSION: session, K_T0: ts_ms, K_ALARMS: body}, canonical=True)
 
 
-def command_body(command: str, rule: str, by: str, request_id: str, ts_ms: int) -> dict[int, Any]:
-    return {K_VERSION: FORMAT_VERSION, K_COMMAND: command, K_RULE: rule, K_BY: by, K_ID: request_id, K_TS: ts_ms}
-
-
-def sign_command(body: dict[int, Any], key: bytes) -> bytes:
-    """A command with its HMAC-SHA256 (key 25) over the deterministic encoding of everything else."""
-    import hashlib
-    import hmac
-
-    unsigned = cbor2.dumps(body, canonical=True)
-    return cbor2.dumps({**body, K_MAC: hmac.new(key, unsigned, hashlib.sha256).digest()}, canonical=True)
-
-
-def encode_reply(request_id: str | None, ok: bool, message: str) -> bytes:
-    return cbor2.dumps({K_VERSION: FORMAT_VERSION, K_ID: request_id, K_OK: ok, K_MESSAGE: message}, canonical=True)
+def encode_reply(request_id: str | None, ok: bool, message: str, digest: bytes | None = None) -> bytes:
+    """The gateway's answer to a command. `digest` (the first 8 bytes of SHA-256 of the command's raw bytes)
+    lets the platform match a reply to what it sent, even when the gateway could not trust the id inside."""
+    msg: dict[int, Any] = {K_VERSION: FORMAT_VERSION, K_ID: request_id, K_OK: ok, K_MESSAGE: message}
+    if digest is not None:
+        msg[K_DIGEST] = digest
+    return cbor2.dumps(msg, canonical=True)
 
 
 # ---------------------------------------------------------------- decoding
@@ -302,16 +313,29 @@ class Data:
     readings: tuple[Reading, ...] = field(default=())
 
 
+def check_received(payload: bytes) -> None:
+    """The strict walk every received message passes before anything decodes it; WireError if refused."""
+    try:
+        cborcheck.check(payload, RECEIVE_POLICY)
+    except cborcheck.CborRejected as exc:
+        raise WireError(f"refused before decoding: {exc}") from None
+
+
 def _load_map(payload: bytes, what: str) -> dict[int, Any]:
+    try:
+        cborcheck.check(payload, RECEIVE_POLICY)
+    except cborcheck.CborRejected as exc:
+        raise WireError(f"{what}: refused before decoding: {exc}") from None
     try:
         msg = cbor2.loads(payload)
     except Exception as exc:  # cbor2 raises several types for truncated or invalid input
-        raise WireError(f"{what}: not valid CBOR ({exc})") from exc
+        raise WireError(f"{what}: not valid CBOR ({type(exc).__name__})") from None
     if not isinstance(msg, dict):
         raise WireError(f"{what}: expected a CBOR map, got {type(msg).__name__}")
     version = msg.get(K_VERSION)
     if version != FORMAT_VERSION:
-        raise WireError(f"{what}: format version {version!r}, this decoder reads {FORMAT_VERSION}")
+        shown = version if isinstance(version, int) and not isinstance(version, bool) else type(version).__name__
+        raise WireError(f"{what}: format version {shown}, this decoder reads {FORMAT_VERSION}")
     return msg
 
 
@@ -324,6 +348,24 @@ def _require(msg: dict[int, Any], key: int, typ: type | tuple[type, ...], what: 
     return v
 
 
+def _count(msg: dict[int, Any], key: int, what: str) -> int:
+    """A session, seq or time: an integer in 0 … 2⁶³ − 1 (what every platform database can store)."""
+    v = _require(msg, key, int, what)
+    if not 0 <= v < INT64:
+        raise WireError(f"{what}: key {key} is {'negative' if v < 0 else 'beyond 2^63'}")
+    return v
+
+
+def _optional_count(msg: dict[int, Any], key: int, what: str) -> int | None:
+    return _count(msg, key, what) if msg.get(key) is not None else None
+
+
+def _text(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise WireError(f"{what}: expected text, got {type(v).__name__}")
+    return v
+
+
 def decode_birth(payload: bytes) -> Birth:
     msg = _load_map(payload, "birth")
     catalogue = []
@@ -331,52 +373,65 @@ def decode_birth(payload: bytes) -> Birth:
         if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(x, str) for x in entry)):
             raise WireError(f"birth: catalogue entry {i} is not [device, point, unit, type]")
         catalogue.append(PointInfo(*entry))
+    kind = msg.get(K_KIND, "gateway")
     return Birth(
-        session=_require(msg, K_SESSION, int, "birth"),
-        ts_ms=_require(msg, K_T0, int, "birth"),
+        session=_count(msg, K_SESSION, "birth"),
+        ts_ms=_count(msg, K_T0, "birth"),
         site=_require(msg, K_SITE, str, "birth"),
         gateway=_require(msg, K_GATEWAY, str, "birth"),
         software=_require(msg, K_SOFTWARE, str, "birth"),
         catalogue=tuple(catalogue),
-        dropped=msg.get(K_DROPPED, 0),
-        kind=msg.get(K_KIND, "gateway"),
-        back_at_ms=msg.get(K_BACK_AT),
+        dropped=_count(msg, K_DROPPED, "birth") if K_DROPPED in msg else 0,
+        kind=_text(kind, "birth: kind"),
+        back_at_ms=_optional_count(msg, K_BACK_AT, "birth"),
     )
 
 
 def decode_death(payload: bytes) -> Death:
     msg = _load_map(payload, "death")
-    reason = _require(msg, K_REASON, int, "death")
+    reason = _count(msg, K_REASON, "death")
     return Death(
-        session=_require(msg, K_SESSION, int, "death"),
+        session=_count(msg, K_SESSION, "death"),
         reason=DEATH_REASONS.get(reason, f"unknown_{reason}"),
-        ts_ms=msg.get(K_T0),
-        back_at_ms=msg.get(K_BACK_AT),
+        ts_ms=_optional_count(msg, K_T0, "death"),
+        back_at_ms=_optional_count(msg, K_BACK_AT, "death"),
     )
+
+
+MAX_POINT = 1 << 32  # catalogue indexes and group offsets beyond this are not a real gateway's
 
 
 def decode_data(payload: bytes) -> Data:
     msg = _load_map(payload, "data")
-    session = _require(msg, K_SESSION, int, "data")
-    seq = _require(msg, K_SEQ, int, "data")
-    t0 = _require(msg, K_T0, int, "data")
+    session = _count(msg, K_SESSION, "data")
+    seq = _count(msg, K_SEQ, "data")
+    t0 = _count(msg, K_T0, "data")
     readings: list[Reading] = []
     for gi, group in enumerate(_require(msg, K_GROUPS, list, "data")):
         where = f"data seq {seq} group {gi}"
         if not isinstance(group, list) or len(group) != 4:
             raise WireError(f"{where}: expected [dt, points, values, qualities]")
         dt, points, values, qualities = group
-        if not (isinstance(dt, int) and isinstance(points, list) and isinstance(values, list)):
+        if not (isinstance(dt, int) and not isinstance(dt, bool) and 0 <= dt < INT64 - t0):
+            raise WireError(f"{where}: dt is not a small unsigned integer")
+        if not (isinstance(points, list) and isinstance(values, list)):
             raise WireError(f"{where}: wrong element types")
         if len(points) != len(values):
             raise WireError(f"{where}: {len(points)} points but {len(values)} values")
         if not isinstance(qualities, dict):
             raise WireError(f"{where}: qualities is not a map")
+        for i, q in qualities.items():  # keys are integers (the receive policy allows no other)
+            if not (0 <= i < len(points) and isinstance(q, int) and not isinstance(q, bool) and 0 <= q <= 255):
+                raise WireError(f"{where}: quality entry {i} is not [index of the group, code 0..255]")
         point = 0
         for i, (delta, value) in enumerate(zip(points, values)):
+            if not (isinstance(delta, int) and not isinstance(delta, bool) and delta >= 0):
+                raise WireError(f"{where}: point difference {i} is not an unsigned integer")
             point += delta
+            if point >= MAX_POINT:
+                raise WireError(f"{where}: point index beyond {MAX_POINT}")
             readings.append(Reading(point, t0 + dt, decode_value(value), qualities.get(i, 0)))
-    return Data(session=session, seq=seq, historical=bool(msg.get(K_HISTORICAL, False)), readings=tuple(readings))
+    return Data(session=session, seq=seq, historical=msg.get(K_HISTORICAL, False) is True, readings=tuple(readings))
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,22 +442,34 @@ class Alarm:
     events: tuple[Event, ...]
 
 
+def _level(v: Any, where: str) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(LEVEL_NAMES)):
+        raise WireError(f"{where}: level is not 0..{len(LEVEL_NAMES) - 1}")
+    return v
+
+
 def decode_alarm(payload: bytes) -> Alarm:
     msg = _load_map(payload, "alarm")
-    seq = _require(msg, K_SEQ, int, "alarm")
-    t0 = _require(msg, K_T0, int, "alarm")
+    session = _count(msg, K_SESSION, "alarm")
+    seq = _count(msg, K_SEQ, "alarm")
+    t0 = _count(msg, K_T0, "alarm")
     events = []
     for i, e in enumerate(_require(msg, K_EVENTS, list, "alarm")):
         where = f"alarm seq {seq} event {i}"
         if not isinstance(e, list) or len(e) != 8:
             raise WireError(f"{where}: expected [kind, rule, old, new, dt, values, message, by]")
         kind, rule, old, new, dt, values, message, by = e
-        if not (isinstance(kind, int) and 0 <= kind < len(EVENT_KINDS)):
-            raise WireError(f"{where}: unknown event kind {kind!r}")
-        if not (isinstance(rule, str) and isinstance(values, dict) and isinstance(message, str)):
+        if not (isinstance(kind, int) and not isinstance(kind, bool) and 0 <= kind < len(EVENT_KINDS)):
+            raise WireError(f"{where}: unknown event kind")
+        if not (isinstance(rule, str) and isinstance(values, dict) and isinstance(message, str) and isinstance(by, str)):
             raise WireError(f"{where}: wrong element types")
-        events.append(Event(EVENT_KINDS[kind], rule, old, new, t0 + dt, {k: decode_value(v) for k, v in values.items()}, message, by or None))
-    return Alarm(_require(msg, K_SESSION, int, "alarm"), seq, bool(msg.get(K_HISTORICAL, False)), tuple(events))
+        if not (isinstance(dt, int) and not isinstance(dt, bool) and 0 <= dt < INT64 - t0):
+            raise WireError(f"{where}: dt is not a small unsigned integer")
+        if any(not 0 <= k < MAX_POINT for k in values):
+            raise WireError(f"{where}: a value's point index is out of range")
+        events.append(Event(EVENT_KINDS[kind], rule, _level(old, where), _level(new, where), t0 + dt,
+                            {k: decode_value(v) for k, v in values.items()}, message, by or None))
+    return Alarm(session, seq, msg.get(K_HISTORICAL, False) is True, tuple(events))
 
 
 def decode_alarms(payload: bytes) -> tuple[int, int, tuple[AlarmStatus, ...]]:
@@ -410,54 +477,28 @@ def decode_alarms(payload: bytes) -> tuple[int, int, tuple[AlarmStatus, ...]]:
     msg = _load_map(payload, "alarms")
     states = []
     for i, a in enumerate(_require(msg, K_ALARMS, list, "alarms")):
-        if not isinstance(a, list) or len(a) != 8 or not isinstance(a[0], str):
+        if not (isinstance(a, list) and len(a) == 8 and isinstance(a[0], str) and isinstance(a[7], str)
+                and all(isinstance(x, bool) for x in a[3:6]) and isinstance(a[6], int) and not isinstance(a[6], bool)):
             raise WireError(f"alarms: entry {i} is not [rule, level, condition, latched, acked, fault, since, reason]")
         rule, level, condition, latched, acked, fault, since, reason = a
-        states.append(AlarmStatus(rule, level, condition, latched, acked, fault, since or None, reason or None))
-    return _require(msg, K_SESSION, int, "alarms"), _require(msg, K_T0, int, "alarms"), tuple(states)
+        where = f"alarms: entry {i}"
+        states.append(AlarmStatus(rule, _level(level, where), _level(condition, where), latched, acked, fault, since or None, reason or None))
+    return _count(msg, K_SESSION, "alarms"), _count(msg, K_T0, "alarms"), tuple(states)
 
 
 @dataclass(frozen=True, slots=True)
-class Command:
-    command: str
-    rule: str
-    by: str
-    request_id: str
-    ts_ms: int
+class Reply:
+    request_id: str | None  # the command's id, when the gateway got far enough to trust it
+    ok: bool
+    message: str
+    digest: bytes | None  # first 8 bytes of SHA-256 of the command's raw bytes
 
 
-def decode_command(payload: bytes, key: bytes | None, *, now_ms: int, max_skew_ms: int = 300_000) -> Command:
-    """Validate a command: structure, signature, freshness. Raises WireError saying what is wrong."""
-    import hashlib
-    import hmac
-
-    msg = _load_map(payload, "command")
-    request_id = msg.get(K_ID)
-    body = {k: v for k, v in msg.items() if k != K_MAC}
-    for key_, typ, name in ((K_COMMAND, str, "command"), (K_RULE, str, "rule"), (K_BY, str, "by"), (K_ID, str, "id"), (K_TS, int, "ts")):
-        if not isinstance(msg.get(key_), typ) or isinstance(msg.get(key_), bool):
-            raise WireError(f"command {request_id!r}: field {name} (key {key_}) missing or not a {typ.__name__}")
-    unknown = set(msg) - {K_VERSION, K_COMMAND, K_RULE, K_BY, K_ID, K_TS, K_MAC}
-    if unknown:
-        raise WireError(f"command {request_id!r}: unknown keys {sorted(unknown)}")
-    if msg[K_COMMAND] != "ack":
-        raise WireError(f"command {request_id!r}: unknown command {msg[K_COMMAND]!r} (known: ack)")
-    if not msg[K_BY].strip() or len(msg[K_BY]) > 64 or len(request_id) > 64:
-        raise WireError(f"command {request_id!r}: 'by' must name who acknowledges (1..64 characters), id at most 64")
-    if key is None:
-        raise WireError(f"command {request_id!r}: unauthorised: this gateway accepts no remote commands (no uplink.command_key_file)")
-    mac = msg.get(K_MAC)
-    expected = hmac.new(key, cbor2.dumps(body, canonical=True), hashlib.sha256).digest()
-    if not isinstance(mac, bytes) or not hmac.compare_digest(mac, expected):
-        raise WireError(f"command {request_id!r}: unauthorised: bad or missing signature")
-    if abs(msg[K_TS] - now_ms) > max_skew_ms:
-        raise WireError(f"command {request_id!r}: stale or future timestamp ({(msg[K_TS] - now_ms) / 1000:+.0f} s from the gateway's clock)")
-    return Command(msg[K_COMMAND], msg[K_RULE], msg[K_BY], request_id, msg[K_TS])
-
-
-def decode_reply(payload: bytes) -> tuple[str | None, bool, str]:
+def decode_reply(payload: bytes) -> Reply:
     msg = _load_map(payload, "reply")
-    return msg.get(K_ID), bool(msg.get(K_OK)), str(msg.get(K_MESSAGE, ""))
+    rid, digest = msg.get(K_ID), msg.get(K_DIGEST)
+    return Reply(rid if isinstance(rid, str) else None, msg.get(K_OK) is True, _text(msg.get(K_MESSAGE, ""), "reply: message"),
+                 digest if isinstance(digest, bytes) else None)
 
 
 # ---------------------------------------------------------------- presentation

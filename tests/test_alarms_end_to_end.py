@@ -10,7 +10,7 @@ from pathlib import Path
 import aiomqtt
 import pycddl
 
-from gateway import wire
+from gateway import commands, wire
 from gateway.alarms import control_request
 from gateway.app import Gateway
 from gateway.rules import Level
@@ -21,7 +21,6 @@ from .e2e import collecting, register, running, site
 
 ROOT = Path(__file__).parent.parent
 SCHEMA = pycddl.Schema((ROOT / "docs" / "wire-format.cddl").read_text())
-KEY = b"0123456789abcdef0123456789abcdef"
 
 GAS = """
 [[buses]]
@@ -60,10 +59,9 @@ async def _until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-u
 
 
 def _gas_site(broker_port: int, tmp_path: Path, modbus_port: int):  # type: ignore[no-untyped-def]
-    key = tmp_path / "command.key"
-    key.write_bytes(KEY)
-    os.chmod(key, 0o600)
-    return site(broker_port, tmp_path, GAS.format(port=modbus_port), uplink_extra='command_key_file = "command.key"', reconnect_s=1.0)
+    if not (tmp_path / "platform.key").exists():
+        commands.new_key_pair(tmp_path / "platform.key")  # the platform's pair; the gateway gets the public half
+    return site(broker_port, tmp_path, GAS.format(port=modbus_port), uplink_extra='command_public_key_file = "platform.key.pub"', reconnect_s=1.0)
 
 
 async def test_gas_ramp_with_broker_down_then_events_in_order_and_signed_ack(private_mosquitto, tmp_path: Path) -> None:
@@ -97,34 +95,48 @@ async def test_gas_ramp_with_broker_down_then_events_in_order_and_signed_ack(pri
                 assert [(a.rule, a.level, a.latched) for a in states] == [("gas.lel1", 3, True)]
 
                 prefix = "yujing/v1/TEST-01/gw1"
-                replies: list[tuple[str | None, bool, str]] = []
+                replies: list[wire.Reply] = []
+                platform = commands.load_private_key(tmp_path / "platform.key")
+                commands.new_key_pair(tmp_path / "mallory.key")
+                mallory = commands.load_private_key(tmp_path / "mallory.key")
                 async with aiomqtt.Client("127.0.0.1", private_mosquitto.port) as client:
                     await client.subscribe(f"{prefix}/reply", qos=1)
 
-                    async def command(payload: bytes) -> tuple[str | None, bool, str]:
+                    async def command(payload: bytes) -> wire.Reply:
                         await client.publish(f"{prefix}/cmd", payload, qos=1)
                         async with asyncio.timeout(5):
                             async for m in client.messages:
-                                return wire.decode_reply(bytes(m.payload))
+                                reply = wire.decode_reply(bytes(m.payload))
+                                assert reply.digest == commands.digest(payload)  # a reply names what it answers
+                                return reply
                         raise AssertionError("no reply")
+
+                    def ack(key, rule: str, rid: str, **kw):  # type: ignore[no-untyped-def]
+                        return commands.sign_command(key, site="TEST-01", gateway="gw1", command="ack", rule=rule, by="li",
+                                                     request_id=rid, **kw)
 
                     now = gw.clock.time_ms()
                     replies.append(await command(b"\xa1\x00"))  # malformed
-                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "mallory", "r1", now), b"x" * 32)))
-                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.nope", "li", "r2", now), KEY)))
-                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "li", "r3", now - 3_600_000), KEY)))
+                    replies.append(await command(ack(mallory, "gas.lel1", "r1")))  # a key the gateway does not know
+                    replies.append(await command(ack(platform, "gas.nope", "r2")))
+                    replies.append(await command(ack(platform, "gas.lel1", "r3", ts_ms=now - 3_600_000)))
+                    other = commands.sign_command(platform, site="TEST-01", gateway="gw2", command="ack", rule="gas.lel1",
+                                                  by="li", request_id="r5")
+                    replies.append(await command(other))  # signed for another gateway
                     assert engine.snapshot()["gas.lel1"].level == Level.II_ORANGE  # nothing rejected changed anything
-                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "li", "r4", now), KEY)))
-                    replies.append(await command(wire.sign_command(wire.command_body("ack", "gas.lel1", "li", "r4", now), KEY)))
+                    good = ack(platform, "gas.lel1", "r4")
+                    replies.append(await command(good))
+                    replies.append(await command(good))  # captured and replayed
                 await col.wait_for(lambda c: any(r.get("alarm") == "cleared" for r in c.records))
     finally:
         await server.stop()
-    assert replies[0][1] is False and "command" in replies[0][2]
-    assert replies[1] == ("r1", False, "command 'r1': unauthorised: bad or missing signature")
-    assert replies[2][0] == "r2" and not replies[2][1] and "no alarm rule 'gas.nope'" in replies[2][2]
-    assert replies[3][0] == "r3" and not replies[3][1] and "stale or future timestamp" in replies[3][2]
-    assert replies[4][:2] == ("r4", True) and "acknowledged by li" in replies[4][2]
-    assert replies[5][:2] == ("r4", False) and "replayed" in replies[5][2]
+    assert not replies[0].ok and replies[0].request_id is None and "rejected (shape)" in replies[0].message
+    assert not replies[1].ok and replies[1].request_id is None and "unauthorised" in replies[1].message
+    assert replies[2].request_id == "r2" and not replies[2].ok and "no alarm rule 'gas.nope'" in replies[2].message
+    assert replies[3].request_id == "r3" and not replies[3].ok and "stale or future timestamp" in replies[3].message
+    assert not replies[4].ok and "rejected (target)" in replies[4].message
+    assert replies[5].request_id == "r4" and replies[5].ok and "acknowledged by li" in replies[5].message
+    assert replies[6].request_id == "r4" and not replies[6].ok and "replayed" in replies[6].message
     kinds = [r["alarm"] for r in col.records if "alarm" in r]
     assert kinds[:2] == ["raised", "escalated"] and kinds[-2:] == ["acknowledged", "cleared"]
     alarm_seqs = [r["seq"] for r in col.records if "alarm" in r]

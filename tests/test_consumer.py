@@ -34,20 +34,22 @@ def test_gap_then_late_fill_then_duplicate() -> None:
     d = Decoder()
     d.feed(f"{PREFIX}/birth", birth(1))
     assert d.feed(f"{PREFIX}/data", data(1)).notices == []
-    assert d.feed(f"{PREFIX}/data", data(4)).notices == ["KM-SLP-01/gw2: gap: seq 2..3 missing (2 messages)"]
-    assert d.feed(f"{PREFIX}/data", data(2)).notices == ["KM-SLP-01/gw2: late: seq 2 arrived after later ones"]
+    assert d.feed(f"{PREFIX}/data", data(4)).notices == ["KM-SLP-01/gw2 session 1: gap: seq 2..3 missing (2 messages)"]
+    assert d.feed(f"{PREFIX}/data", data(2)).notices == ["KM-SLP-01/gw2 session 1: late: seq 2 arrived after later ones"]
     res = d.feed(f"{PREFIX}/data", data(4))
-    assert res.notices == ["KM-SLP-01/gw2: duplicate: seq 4 again"]
+    assert res.notices == ["KM-SLP-01/gw2 session 1: duplicate: seq 4 again"]
     assert res.records[0]["duplicate"] is True
     assert (d.gaps, d.duplicates) == (1, 1)
 
 
-def test_sequence_continues_across_sessions() -> None:
+def test_each_session_is_accounted_on_its_own() -> None:
     d = Decoder()
     d.feed(f"{PREFIX}/birth", birth(1))
     d.feed(f"{PREFIX}/data", data(7, session=1))
     d.feed(f"{PREFIX}/birth", birth(2))
-    assert d.feed(f"{PREFIX}/data", data(8, session=2)).notices == []
+    assert d.feed(f"{PREFIX}/data", data(1, session=2)).notices == []  # a new session numbers from 1
+    assert d.feed(f"{PREFIX}/data", data(8, session=1)).notices == []  # the old one's backlog carries on
+    assert d.feed(f"{PREFIX}/data", data(1, session=2)).notices == ["KM-SLP-01/gw2 session 2: duplicate: seq 1 again"]
 
 
 def test_unknown_session_and_malformed_payloads_are_reported_not_fatal() -> None:

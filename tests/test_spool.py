@@ -33,17 +33,22 @@ def test_seal_deliver_and_resend(tmp_path: Path) -> None:
 
 
 def test_counters_survive_restart_and_never_reuse(tmp_path: Path) -> None:
+    # Each session numbers its messages from 1; a (session, seq) pair is never issued twice, also across restarts.
     s = Spool(tmp_path / "s.db")
     assert s.start_session(CAT, T) == 1
     s.append(1, [Reading(0, T, 1)])
     m = s.seal(10, now_ms=T, historical_after_ms=1)
-    assert m.seq == 1
+    assert (m.session, m.seq) == (1, 1)
     s.delivered(m.id)
+    s.append(1, [Reading(0, T + 1, 2)])  # still waiting when the gateway stops
     s.close()
     s = Spool(tmp_path / "s.db")
     assert s.start_session(CAT, T) == 2
-    s.append(2, [Reading(0, T, 2)])
-    assert s.seal(10, now_ms=T, historical_after_ms=1).seq == 2
+    s.append(2, [Reading(0, T + 2, 3)])
+    old = s.seal(10, now_ms=T, historical_after_ms=1)
+    new = s.seal(10, now_ms=T, historical_after_ms=1)
+    assert (old.session, old.seq) == (1, 2)  # session 1 carries on where it stopped
+    assert (new.session, new.seq) == (2, 1)
 
 
 def test_old_session_readings_seal_under_their_own_session(tmp_path: Path) -> None:
@@ -123,7 +128,9 @@ def test_kill_9_loses_nothing_committed_and_corrupts_nothing(tmp_path: Path) -> 
     for session, ts in s.db.execute("SELECT session, ts FROM readings"):
         present.setdefault(session, set()).add(ts)
     messages = s.unsent(limit=10**6)
-    assert [m.seq for m in messages] == list(range(1, len(messages) + 1))  # unique, gapless, increasing
+    for session in {m.session for m in messages}:  # per session: unique, gapless, increasing
+        seqs = [m.seq for m in messages if m.session == session]
+        assert seqs == list(range(1, len(seqs) + 1))
     for m in messages:
         present.setdefault(m.session, set()).update(r.ts_ms for r in wire.decode_data(m.payload).readings)
     for session, last in last_acknowledged.items():

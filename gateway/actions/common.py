@@ -36,7 +36,10 @@ class When:
     level: Level | None = None
 
     def matches(self, rule_id: str) -> bool:
-        """Whether `rule_id` is one of `rules` or matches one of its globs."""
+        """Whether `rule_id` is one of `rules` or matches one of its globs. The gateway's own signals
+        (`gateway.fault`) match only by their exact name: a `*` must never turn a fault lamp into a siren."""
+        if rule_id.startswith("gateway."):
+            return rule_id in self.rules
         return any(rule_id == p or fnmatchcase(rule_id, p) for p in self.rules)
 
 

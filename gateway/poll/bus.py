@@ -12,6 +12,7 @@ import asyncio
 import enum
 import heapq
 import math
+import time
 from collections import deque
 import logging
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from device_drivers.modbus import DeviceError, Transport, TransportError
 from device_drivers.plan import Request, plan_requests
-from device_drivers.registers import Decoder, compile_point
+from device_drivers.registers import Decoder, apply_status_gates, compile_point, status_gates
 from gateway.clock import Clock
 from gateway.config import BusConfig, DeviceConfig
 from gateway.model import Quality, Reading, modbus_exception_quality, quality_name
@@ -54,6 +55,7 @@ class DevicePoller:
     split: set[int] = field(default_factory=set)  # requests the device rejected whole; read point by point
     decoders: list[Decoder] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
+    gates: list[tuple[int, tuple[tuple[int, bool], ...]]] = field(default_factory=list)  # points gated by status points
 
     @classmethod
     def build(cls, config: DeviceConfig, base: int) -> "DevicePoller":
@@ -64,7 +66,8 @@ class DevicePoller:
             max_registers=config.max_registers,
             max_bits=config.max_bits,
         )
-        return cls(config, base, requests, decoders=[compile_point(p) for p in config.points], counts=[p.count for p in config.points])
+        return cls(config, base, requests, decoders=[compile_point(p) for p in config.points], counts=[p.count for p in config.points],
+                   gates=status_gates(config.points))
 
 
 class BusScheduler:
@@ -86,6 +89,17 @@ class BusScheduler:
         self._transport_gap = 0.0
         self._writes: deque[tuple[str, int, int, int | bool, asyncio.Future[None]]] = deque()
         self._write_arrived = asyncio.Event()
+        self.busy_since: float | None = None  # start of the transaction on the wire now, if any (liveness clock)
+        self.liveness: Callable[[], float] = time.monotonic  # real seconds, whatever clock the schedule runs on
+        # A transaction outliving this is a hang (the transport's own timeout should have ended it).
+        self.stuck_after_s = 10 * bus.settings.timeout_s + 5.0
+
+    def stuck(self) -> str | None:
+        """For the watchdog: what is wrong when a transaction has hung, else None."""
+        since = self.busy_since
+        if since is not None and self.liveness() - since > self.stuck_after_s:
+            return f"bus {self.bus.name}: one transaction has taken {self.liveness() - since:.0f} s"
+        return None
 
     async def write(self, kind: str, unit: int, address: int, value: int | bool) -> None:
         """Write one coil ("coil") or holding register ("register") on this bus, ahead of any pending poll.
@@ -108,6 +122,7 @@ class BusScheduler:
             try:
                 await self._pace()
                 self.transactions += 1
+                self.busy_since = self.liveness()
                 if kind == "coil":
                     await self.transport.write_coil(address, bool(value), unit)
                 else:
@@ -120,6 +135,7 @@ class BusScheduler:
                     done.set_result(None)
             finally:
                 self._last_io = self.clock.monotonic()
+                self.busy_since = None
 
     async def _wait_until(self, due: float) -> None:
         """Sleep until `due`, or until a write arrives."""
@@ -195,6 +211,8 @@ class BusScheduler:
                 quality = await self._read(p, single, results, attempts)
                 answered |= quality == Quality.GOOD or bool(quality & Quality.MODBUS_EXCEPTION)
         self._update_state(p, answered, now)
+        if p.gates:
+            apply_status_gates(p.gates, results)  # type: ignore[arg-type]
         self.sink([Reading(p.base + j, ts, *results[j]) for j in range(len(points))])
 
     async def _read(self, p: DevicePoller, req: Request, results: dict[int, tuple[object, int]], attempts: int) -> int:
@@ -235,9 +253,11 @@ class BusScheduler:
         await self._pace()
         try:
             self.transactions += 1
+            self.busy_since = self.liveness()
             return await self.transport.read(req.table, req.address, req.count, unit)
         finally:
             self._last_io = self.clock.monotonic()
+            self.busy_since = None
 
     async def _transport_down(self, exc: TransportError) -> None:
         self._transport_gap = min(max(self._transport_gap * 2, 0.5), 30.0)

@@ -17,7 +17,7 @@ from typing import Any
 from ..model import Quality, Reading, Value, quality_name
 from .common import PointConfig, WindowGate
 from .core import AlarmCore
-from .errors import RuleConfigError
+from .errors import RuleConfigError, RuleStateError
 from .levels import AlarmState, Level, Transition
 
 _EMPTY: Mapping[int, Value] = {}
@@ -37,6 +37,32 @@ def as_number(value: Value) -> float | None:
     return None
 
 
+def thin_series(ts: list[int], values: list[float], limit: int) -> tuple[list[int], list[float]]:
+    """At most `limit` points of a time series, evenly spread over its span; the first and the last kept.
+
+    Window lookups take the newest saved point at or before a window's start, so a thinned history can
+    only make that point older: a rise over a window reads as large or larger, never smaller.
+    """
+    n = len(ts)
+    if n <= limit:
+        return list(ts), list(values)
+    step = (n - 1) / (limit - 1)
+    picks = sorted({round(i * step) for i in range(limit)})
+    return [ts[i] for i in picks], [values[i] for i in picks]
+
+
+def restore_series(data: Mapping[str, Any], where: str, limit: int) -> tuple[list[int], list[float]]:
+    """The `ts` and `v` lists of a saved history, checked (RuleStateError naming the key)."""
+    ts, values = data.get("ts"), data.get("v")
+    if not (isinstance(ts, list) and isinstance(values, list) and len(ts) == len(values) <= limit):
+        raise RuleStateError(f"{where}.ts", f"expected lists ts and v of equal length, at most {limit}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ts) or any(b < a for a, b in zip(ts, ts[1:])):
+        raise RuleStateError(f"{where}.ts", "expected epoch ms in time order")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise RuleStateError(f"{where}.v", "expected finite numbers")
+    return list(ts), [float(v) for v in values]
+
+
 def resolve_point(resolve: Callable[[str], int], name: str, where: str) -> int:
     """`resolve(name)` as a checked catalogue index; RuleConfigError naming `where` if it is unknown."""
     try:
@@ -53,6 +79,10 @@ class PointRule:
 
     # set by a kind that may evaluate OUT_OF_RANGE readings that raise (see threshold.Config.out_of_range)
     _raise_only_out_of_range = False
+    # set by a kind whose condition depends on a history of readings (rate, accumulation): that history is
+    # saved with the alarm state, so a restart neither clears nor re-raises a level by itself
+    has_window = False
+    MAX_SAVED_POINTS = 256
 
     def __init__(self, config: PointConfig, resolve: Callable[[str], int]) -> None:
         self.config = config
@@ -197,7 +227,19 @@ class PointRule:
 
     def export(self) -> dict[str, Any]:
         """The JSON-able state that must survive a restart."""
-        return self.core.export()
+        entry = self.core.export()
+        if self.has_window:
+            window = self._export_window()
+            if window:
+                entry["window"] = window
+        return entry
+
+    def _export_window(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def restore_window(self, data: Mapping[str, Any], where: str) -> None:
+        """Take the saved history back (validated: raises RuleStateError naming the bad key)."""
+        raise NotImplementedError
 
     # -- faults ---------------------------------------------------------------------------------------
 

@@ -216,6 +216,8 @@ def parse_common(t: Table, kind: str, *, counts: bool = True) -> dict[str, Any]:
     rule_id = t.string("id")
     if not _ID.match(rule_id):
         raise t.error("id", f"{rule_id!r} must be 1–64 letters, digits, _ . or -, starting with a letter or digit")
+    if rule_id.startswith("gateway."):
+        raise t.error("id", f"{rule_id!r}: ids starting with 'gateway.' are the gateway's own (gateway.fault)")
     args: dict[str, Any] = {
         "id": rule_id,
         "description": t.string("description", ""),

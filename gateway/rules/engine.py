@@ -1,6 +1,7 @@
 """The local alarm engine: every rule of a site, indexed by point, with restart-safe state.
 
-    reading ──► evaluate() ──► rules on that point ──► combinations that read them ──► [Transition]
+    poll    ──► evaluate_poll() ─► per rule: its status points, then its value ─► combinations ──► [Transition]
+    reading ──► evaluate() ──► (a poll of one reading)
     now_ms  ──► tick()     ──► every rule (windows, staleness, time delays)       ──► [Transition]
     operator ─► acknowledge()                                                     ──► [Transition]
                   └── after any level change or acknowledgement: store.save(export_state())
@@ -27,6 +28,7 @@ from .state import StateStore
 _log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+WINDOW_SAVE_MS = 60_000  # rate and accumulation history reaches the state file at most once a minute
 _PERSISTED = LEVEL_KINDS | {TransitionKind.ACKNOWLEDGED}
 
 
@@ -89,6 +91,9 @@ class AlarmEngine:
         # keep the configuration's order for snapshots and tick output
         self._rules = {c.id: self._rules[c.id] for c in configs}
         self._by_point: dict[int, tuple[Any, ...]] = {p: tuple(rs) for p, rs in by_point.items()}
+        self._order = {rule_id: i for i, rule_id in enumerate(self._rules)}
+        self._window_saved_ms: int | None = None
+        self._window_changed = False
         self._combos: tuple[CombinationRule, ...] = tuple(combos)  # evaluation (dependency) order
         self._dependents = self._transitive_dependents()
         self._store = store
@@ -102,20 +107,47 @@ class AlarmEngine:
     # -- inputs ---------------------------------------------------------------------------------------
 
     def evaluate(self, reading: Reading) -> list[Transition]:
-        """Evaluate one reading against every rule on its point (and the combinations reading those rules).
+        """Evaluate one reading (a poll of one); see evaluate_poll."""
+        return self.evaluate_poll((reading,))
 
-        Returns the transitions in the order they happened; [] for a point no rule uses (one dict lookup).
+    def evaluate_poll(self, readings: Iterable[Reading]) -> list[Transition]:
+        """Evaluate the readings of one poll together: every rule they touch sees its status points first
+        and its own value after, whatever order the points (or devices) have in the site file, so a
+        detector that reports 0 together with its fault bit is a fault, never a cleared alarm. Rules run
+        in configuration order; then the combinations that read them.
+
+        Returns the transitions in the order they happened; [] when no rule reads any of the points.
         """
-        rules = self._by_point.get(reading.point)
-        if rules is None:
+        by_point = self._by_point
+        touched: dict[str, tuple[Any, list[Reading], list[Reading]]] = {}
+        newest = None
+        for r in readings:
+            rules = by_point.get(r.point)
+            if rules is None:
+                continue
+            newest = r.ts_ms if newest is None or r.ts_ms > newest else newest
+            for rule in rules:
+                entry = touched.get(rule.id)
+                if entry is None:
+                    entry = touched[rule.id] = (rule, [], [])
+                (entry[2] if r.point == rule.point else entry[1]).append(r)
+        if not touched:
             return []
         out: list[Transition] = []
-        for rule in rules:
-            produced = rule.evaluate(reading)
-            if produced:
-                out.extend(produced)
+        entries = touched.values() if len(touched) == 1 else sorted(touched.values(), key=lambda e: self._order[e[0].id])
+        for rule, statuses, own in entries:
+            if own and rule.has_window:
+                self._window_changed = True
+            for r in statuses:
+                produced = rule.evaluate(r)
+                if produced:
+                    out.extend(produced)
+            for r in own:
+                produced = rule.evaluate(r)
+                if produced:
+                    out.extend(produced)
         if out:
-            self._propagate(out, reading.ts_ms)
+            self._propagate(out, newest)  # type: ignore[arg-type]
         return out
 
     def tick(self, now_ms: int) -> list[Transition]:
@@ -127,8 +159,17 @@ class AlarmEngine:
                 out.extend(rule.tick(now_ms))
         for combo in self._combos:
             out.extend(combo.tick(now_ms))
+        if self._window_changed and (self._window_saved_ms is None or now_ms - self._window_saved_ms >= WINDOW_SAVE_MS):
+            self._window_saved_ms = now_ms
+            self._window_changed = False
+            self._dirty = True  # rate and accumulation history: saved once a minute, not on every reading
         self._persist(out)
         return out
+
+    def save(self) -> None:
+        """Save the state now (at a clean stop, so nothing since the last periodic save is lost)."""
+        self._dirty = True
+        self._persist([])
 
     def acknowledge(self, rule_id: str, by: str, now_ms: int) -> list[Transition]:
         """An operator acknowledges `rule_id`. Returns `acknowledged` (and the release of a latched level
@@ -175,7 +216,7 @@ class AlarmEngine:
         rules = {}
         for rule_id, rule in self._rules.items():
             entry = rule.export()
-            if entry["level"] or entry["active"]:
+            if entry["level"] or entry["active"] or entry.get("window"):
                 rules[rule_id] = entry
         return {"version": STATE_VERSION, "rules": rules}
 
@@ -200,12 +241,17 @@ class AlarmEngine:
                 raise RuleStateError(f"{where}.acked", f"expected true or false, got {acked!r}")
             if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
                 raise RuleStateError(f"{where}.since_ms", f"expected epoch ms or null, got {since!r}")
-            parsed[rule_id] = (level, active, acked, since)
-        for rule_id, (level, active, acked, since) in parsed.items():
+            window = entry.get("window")
+            if window is not None and not isinstance(window, Mapping):
+                raise RuleStateError(f"{where}.window", "expected an object")
+            parsed[rule_id] = (level, active, acked, since, window)
+        for rule_id, (level, active, acked, since, window) in parsed.items():
             rule = self._rules.get(rule_id)
             if rule is None:
                 _log.warning("saved alarm state for rule %r ignored: no such rule in the configuration", rule_id)
                 continue
+            if window is not None and getattr(rule, "has_window", False):
+                rule.restore_window(window, f"state.rules[{rule_id!r}].window")  # before the level: it may read it
             rule.core.restore(level, active, acked, since)
 
     # -- internals ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ._parse import Table
-from .base import PointRule
+from .base import PointRule, restore_series, thin_series
 from .errors import RuleConfigError
 from .common import LevelSpec, PointConfig, ladder, parse_levels, parse_point, spec_for
 from .levels import Level
@@ -88,6 +88,8 @@ class Config(PointConfig):
 
 
 class RateRule(PointRule):
+    has_window = True
+
     def __init__(self, config: Config, resolve: Callable[[str], int]) -> None:
         super().__init__(config, resolve)
         self._specs = config.levels
@@ -107,6 +109,17 @@ class RateRule(PointRule):
         t0, x0 = history[0]
         span = ts_ms - t0
         self._rate = (value - x0) / span * self._per_ms if span >= self._min_span_ms and span > 0 else None
+
+    def _export_window(self) -> dict[str, Any] | None:
+        if not self._history:
+            return None
+        ts, values = thin_series([t for t, _ in self._history], [v for _, v in self._history], self.MAX_SAVED_POINTS)
+        return {"ts": ts, "v": values}
+
+    def restore_window(self, data: Mapping[str, Any], where: str) -> None:
+        """Take back the saved history (checked; RuleStateError names the bad key)."""
+        ts, values = restore_series(data, where, self.MAX_SAVED_POINTS)
+        self._history = deque(zip(ts, values))
 
     def _condition(self) -> int | None:
         rate = self._rate

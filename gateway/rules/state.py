@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..storefiles import read_json, write_json_atomic
 from .errors import RuleStateError
 
 
@@ -43,7 +44,7 @@ class MemoryStateStore:
 
 
 class FileStateStore:
-    """A JSON file replaced atomically: write a temporary file beside it, fsync, rename, fsync the folder.
+    """A JSON file replaced atomically (0600): write a temporary file beside it, fsync, rename, fsync the folder.
 
     A reader therefore sees either the old state or the new one, never a torn write.
     """
@@ -55,47 +56,17 @@ class FileStateStore:
         """The saved state, or {} if the file does not exist. Raises RuleStateError naming the file when
         it cannot be read or is not a JSON object (the caller decides whether to start fresh)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
+            state = read_json(self.path)
         except OSError as e:
             raise RuleStateError(str(self.path), f"cannot read alarm state: {e}") from e
-        try:
-            state = json.loads(text)
         except ValueError as e:
             raise RuleStateError(str(self.path), f"alarm state is not valid JSON: {e}") from e
+        if state is None:
+            return {}
         if not isinstance(state, dict):
             raise RuleStateError(str(self.path), f"alarm state must be a JSON object, got {type(state).__name__}")
         return state
 
     def save(self, state: Mapping[str, Any]) -> None:
         """Write `state` durably and atomically. Raises OSError (e.g. disk full); the old file then stays."""
-        data = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems cannot open a directory; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        write_json_atomic(self.path, state)

@@ -4,6 +4,10 @@ Each connection starts with the births (older sessions that still have data wait
 retained; then the current one, retained), then re-sends every sealed message that was not
 acknowledged, then seals and sends new ones. A message is deleted from the spool only on PUBACK.
 The will is the session's death (reason *lost*); a clean stop publishes death (reason *clean*).
+
+Every spool operation runs on the storage thread (gateway.storage): a slow or failing disk delays
+publishing, never the event loop the alarms run on. Commands arriving on `…/cmd` go to the command
+inbox one message at a time; whatever one message does, the next one is still read.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +25,8 @@ import aiomqtt
 from gateway import wire
 from gateway.clock import Clock
 from gateway.config import UplinkConfig
-from gateway.spool import Message, Spool
+from gateway.spool import Message, Spool, SpoolError
+from gateway.storage import Storage
 
 log = logging.getLogger("yujing.uplink")
 
@@ -51,8 +56,18 @@ def tls_context(cfg: UplinkConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+MAX_INBOUND_PACKET = 16 * 1024  # the gateway only receives commands (≤ 1 KiB); MQTT 5 tells the broker
+
+
 def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str | None = None) -> aiomqtt.Client:
     protocol = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    properties = None
+    if protocol == aiomqtt.ProtocolVersion.V5:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.CONNECT)
+        properties.MaximumPacketSize = MAX_INBOUND_PACKET
     client = aiomqtt.Client(
         cfg.host,
         cfg.port,
@@ -66,6 +81,7 @@ def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str 
         timeout=10,
         max_inflight_messages=64,
         max_queued_outgoing_messages=0,
+        properties=properties,
     )
     client.pending_calls_threshold = 2 * Uplink.WINDOW  # our window is bounded; aiomqtt warns above 10
     return client
@@ -106,32 +122,36 @@ class TokenBucket:
         self.tokens -= n
 
 
-CommandHandler = Callable[[bytes], bytes]  # command payload → reply payload
+CommandHandler = Callable[..., Awaitable[bytes | None]]  # (payload, retained=…) → reply payload, or None: no reply
 
 
 class Uplink:
     WINDOW = 32  # messages in flight at once
+    final_drain_s = 1.0  # at a clean stop, how long to keep sending what is already spooled
+    command_timeout_s = 5.0  # one command's handling; past this it counts as failed and the next is read
 
     def __init__(
         self,
         cfg: UplinkConfig,
         identity: Identity,
-        spool: Spool,
+        storage: Storage,
         session: int,
         clock: Clock,
         *,
         rng: random.Random | None = None,
         historical_after_s: float = 60.0,
         commands: CommandHandler | None = None,
+        on_command_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
-        self.spool = spool
+        self.storage = storage
         self.session = session
         self.clock = clock
         self.rng = rng or random.Random()
         self.historical_after_ms = int(historical_after_s * 1000)
         self.commands = commands
+        self.on_command_error = on_command_error
         self.wake = asyncio.Event()
         self.connected = False
         self.published = 0
@@ -139,6 +159,7 @@ class Uplink:
         self._alarm_state: bytes | None = None  # latest retained snapshot to publish
         self._alarm_state_sent: bytes | None = None
         self._bucket = TokenBucket(cfg.drain_rate, clock)
+        self._storage_error: str | None = None
 
     def topic(self, kind: str) -> str:
         return wire.topic(self.cfg.topic_prefix, self.identity.site, self.identity.gateway, kind)
@@ -157,7 +178,8 @@ class Uplink:
                 async with make_client(self.cfg, will) as client:
                     self.connected = True
                     backoff.reset()
-                    backlog = self.spool.mark_backlog()
+                    older = self.clock.time_ms() - self.historical_after_ms
+                    backlog = await self._spool(lambda s: s.mark_backlog(older_than_ms=older), 0)
                     log.info("broker %s:%d connected (session %d)%s", self.cfg.host, self.cfg.port, self.session,
                              f"; {backlog} readings of backlog to send" if backlog > self.cfg.batch_max else "")
                     await self._births(client)
@@ -187,44 +209,77 @@ class Uplink:
         """Commands to this gateway: each gets a reply; nothing the command says is trusted unchecked."""
         if self.commands is None:
             return
-        await client.subscribe(self.topic("cmd"), qos=1)
+        if self.cfg.protocol == "5":
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+
+            # Retained commands are refused anyway; MQTT 5 lets the broker not even send them.
+            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            await client.subscribe(self.topic("cmd"), options=options)
+        else:
+            await client.subscribe(self.topic("cmd"), qos=1)
         async for message in client.messages:
-            reply = self.commands(bytes(message.payload))
-            await client.publish(self.topic("reply"), reply, qos=1)
+            payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
+            try:
+                reply = await asyncio.wait_for(self.commands(bytes(payload), retained=bool(message.retain)), self.command_timeout_s)
+            except Exception as exc:  # one bad message (or a handler that hangs) must not end the listener, nor the uplink
+                log.exception("command handling failed")
+                if self.on_command_error is not None:
+                    self.on_command_error(exc)
+                continue
+            if reply is not None:
+                await client.publish(self.topic("reply"), reply, qos=1)
+
+    async def _spool(self, fn: Callable[[Spool], Any], fallback: Any) -> Any:
+        """`fn(spool)` on the storage thread; on a storage failure, `fallback` (logged once per failure)."""
+        try:
+            result = await self.storage.call(fn)
+        except SpoolError as exc:
+            if str(exc) != self._storage_error:
+                log.warning("uplink: %s; publishing what it can", exc)
+            self._storage_error = str(exc)
+            return fallback
+        self._storage_error = None
+        return result
 
     async def _births(self, client: aiomqtt.Client) -> None:
-        for session in self.spool.pending_sessions():
+        for session in await self._spool(lambda s: s.pending_sessions(), []):
             if session != self.session:
-                await client.publish(self.topic("birth"), self._birth(session), qos=1, retain=False)
-        await client.publish(self.topic("birth"), self._birth(self.session), qos=1, retain=True)
+                await client.publish(self.topic("birth"), await self._birth(session), qos=1, retain=False)
+        await client.publish(self.topic("birth"), await self._birth(self.session), qos=1, retain=True)
 
-    def _birth(self, session: int) -> bytes:
-        found = self.spool.catalogue(session)
+    async def _birth(self, session: int) -> bytes:
+        def read(spool: Spool) -> tuple[Any, int]:
+            return spool.catalogue(session), spool.dropped
+
+        found, dropped = await self._spool(read, (None, 0))
+        if found is None and session == self.session:
+            found = (self.storage.catalogue, self.storage.started_ms)  # the running session is known without a disk
         catalogue, started = found if found else ((), self.clock.time_ms())
         return wire.encode_birth(
             session=session, ts_ms=started, site=self.identity.site, gateway=self.identity.gateway,
-            software=self.identity.software, catalogue=catalogue, dropped=self.spool.dropped,
+            software=self.identity.software, catalogue=catalogue, dropped=dropped,
         )
 
-    def _next(self, sent: set[int]) -> tuple[list[Message], float]:
-        """What to publish next, in priority order: re-sends and alarms, live data, then backlog.
+    def _next(self, spool: Spool, sent: set[int]) -> tuple[list[Message], float]:
+        """What to publish next, in priority order: re-sends and alarms, live data, then backlog. Runs on
+        the storage thread.
 
         Returns (messages, seconds to wait before the backlog may go on) — the wait is 0 unless the
         drain rate holds the backlog back.
         """
         now = self.clock.time_ms()
-        if self.spool.events_waiting:
-            self.spool.seal_alarms(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms)
-        batch = self.spool.unsent(limit=self.WINDOW, exclude=sent)  # alarms first, then unacknowledged data
+        if spool.events_waiting:
+            spool.seal_alarms(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms)
+        batch = spool.unsent(limit=self.WINDOW, exclude=sent)  # alarms first, then unacknowledged data
         if batch:
             return batch, 0.0
-        m = self.spool.seal(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms, live=True)
+        m = spool.seal(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms, live=True)
         if m is not None:
             return [m], 0.0
         wait = self._bucket.wait_s(self.cfg.batch_max)
         if wait > 0:
             return [], wait
-        m = self.spool.seal(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms)
+        m = spool.seal(self.cfg.batch_max, now_ms=now, historical_after_ms=self.historical_after_ms)
         if m is None:
             return [], 0.0
         if self.cfg.drain_rate:
@@ -244,7 +299,7 @@ class Uplink:
                 self.wake.set()
                 return
             self.acked += 1
-            self.spool.delivered(m.id)
+            self.storage.delivered(m.id)
             sent.discard(m.id)
 
         try:
@@ -252,7 +307,22 @@ class Uplink:
                 if failure:
                     raise failure[0]
                 if stop.is_set():
-                    # What is not acknowledged now stays in the spool for the next start.
+                    # A clean stop sends what is already spooled, briefly; what is not acknowledged then
+                    # stays in the spool for the next start.
+                    deadline = self.clock.monotonic() + self.final_drain_s
+                    while self.clock.monotonic() < deadline and not failure:
+                        exclude = set(sent)
+                        batch, _ = await self._spool(lambda s: self._next(s, exclude), ([], 0.0))
+                        if not batch:
+                            break
+                        for m in batch:
+                            if len(inflight) >= self.WINDOW:
+                                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+                            sent.add(m.id)
+                            task = asyncio.create_task(send(m), name=f"publish-{m.kind}-{m.seq}")
+                            inflight.add(task)
+                            task.add_done_callback(inflight.discard)
+                            self.published += 1
                     if inflight:
                         await asyncio.wait(inflight, timeout=2.0)
                     return
@@ -260,7 +330,10 @@ class Uplink:
                 if self._alarm_state is not None and self._alarm_state != self._alarm_state_sent:
                     self._alarm_state_sent = self._alarm_state
                     await client.publish(self.topic("alarms"), self._alarm_state, qos=1, retain=True)
-                batch, hold = self._next(sent)
+                # Copied here, not on the storage thread: a PUBACK queues its delete before it leaves `sent`,
+                # so a message is always either excluded or already marked delivered when _next runs.
+                exclude = set(sent)
+                batch, hold = await self._spool(lambda s: self._next(s, exclude), ([], 5.0))
                 for m in batch:
                     while len(inflight) >= self.WINDOW:
                         await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
@@ -279,7 +352,7 @@ class Uplink:
                                    timeout=hold if hold > 0 else None)
                 waiter.cancel()
                 stopper.cancel()
-                if hold <= 0 and not stop.is_set() and self.cfg.batch_delay_s and not self.spool.events_waiting:
+                if hold <= 0 and not stop.is_set() and self.cfg.batch_delay_s and not self.storage.events_waiting:
                     await self.clock.sleep(self.cfg.batch_delay_s)  # let a poll round land in one message
         finally:
             for t in inflight:
