@@ -14,7 +14,7 @@ import pytest
 
 from tests.firmware_helpers import CHECKS, compile_firmware, run_micropython
 
-CHECK_SCRIPTS = ["check_cbor.py", "check_ring.py", "check_rules.py", "check_config.py", "check_sensors.py"]
+CHECK_SCRIPTS = ["check_cbor.py", "check_ring.py", "check_rules.py", "check_config.py", "check_sensors.py", "check_mqtt_inbound.py"]
 
 
 @pytest.fixture(scope="session")

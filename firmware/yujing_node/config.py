@@ -26,6 +26,29 @@ _MAX_POINTS = const(255)
 _REQ = object()  # sentinel: the key is required
 
 
+def _ident(v):
+    """The gateway's id rule (gateway.config.ID_RE) without `re`: ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$."""
+    if not 1 <= len(v) <= 64:
+        return False
+    for i, c in enumerate(v):
+        o = ord(c)
+        alnum = 48 <= o <= 57 or 65 <= o <= 90 or 97 <= o <= 122
+        if not alnum and (i == 0 or c not in "_.-"):
+            return False
+    return True
+
+
+def _prefix_ok(v):
+    """A topic prefix: printable ASCII levels, none empty, no wildcards."""
+    for c in v:
+        if not 33 <= ord(c) <= 126 or c in "+#":
+            return False
+    return "" not in v.split("/")
+
+
+_TOPIC_MAX = const(256)  # mqtt.Client refuses longer topics
+
+
 class ConfigError(Exception):
     def __init__(self, file, field, msg):
         super().__init__("%s: %s: %s" % (file, field, msg) if field else "%s: %s" % (file, msg))
@@ -58,16 +81,19 @@ class Fields:
             raise self.error(key, "missing")
         return default, False
 
-    def text(self, key, default=_REQ, topic_safe=False):
+    def text(self, key, default=_REQ, topic_safe=False, max_len=256):
         v, given = self._get(key, default)
         if not given:
             return v
         if not isinstance(v, str) or not v:
             raise self.error(key, "expected a non-empty string")
-        if topic_safe:
-            for c in "/+#":
-                if c in v:
-                    raise self.error(key, "%r may not contain '/', '+' or '#' (it is an MQTT topic level)" % v)
+        if len(v) > max_len:
+            raise self.error(key, "longer than %d characters" % max_len)
+        if topic_safe and not _ident(v):
+            raise self.error(
+                key, "%r: 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit (as the gateway's ids; "
+                "it is an MQTT topic level)" % v
+            )
         return v
 
     def integer(self, key, default=_REQ, lo=None, hi=None):
@@ -200,11 +226,20 @@ class Config:
         self.publish_timeout_ms = 1000 * f.integer("publish_timeout_s", 5, 1, 120)
 
         m = f.obj("mqtt")
-        self.host = m.text("host")
+        self.host = m.text("host", max_len=253)
+        if " " in self.host:
+            raise m.error("host", "a host name or address has no spaces")
         self.port = m.integer("port", 1883, 1, 65535)
-        self.prefix = m.text("prefix", "yujing/v1")
+        self.prefix = m.text("prefix", "yujing/v1", max_len=128)
+        if not _prefix_ok(self.prefix):
+            raise m.error("prefix", "%r: printable ASCII topic levels, none empty, no '+' or '#'" % self.prefix)
+        if len(self.prefix) + len(self.site) + len(self.node_id) + len("/birth") + 2 > _TOPIC_MAX:
+            raise m.error("prefix", "topics would be longer than %d bytes" % _TOPIC_MAX)
         self.keepalive_s = m.integer("keepalive_s", 60, 0, 65535)
-        self.client_id = m.text("client_id", "yujing-" + self.node_id)
+        self.client_id = m.text("client_id", "yujing-" + self.node_id, max_len=128)
+        for c in self.client_id:
+            if not (33 <= ord(c) <= 126):
+                raise m.error("client_id", "printable ASCII only (no spaces)")
         self.commands = m.flag("commands", False)
         m.done()
 
@@ -280,9 +315,9 @@ def uart_fields(u):
 class Secrets:
     def __init__(self, d, file=SECRETS_FILE):
         f = Fields(file, "", d)
-        self.wifi_password = f.text("wifi_password", None)
-        self.mqtt_username = f.text("mqtt_username", None)
-        self.mqtt_password = f.text("mqtt_password", None)
+        self.wifi_password = f.text("wifi_password", None, max_len=64)
+        self.mqtt_username = f.text("mqtt_username", None, max_len=256)
+        self.mqtt_password = f.text("mqtt_password", None, max_len=256)
         f.done()
 
 

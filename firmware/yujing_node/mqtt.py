@@ -7,6 +7,9 @@ raises OSError), readinto(buf) (bytes read; 0 at EOF; None or OSError EAGAIN/ETI
 nothing arrived in time), settimeout(seconds) and close(): a MicroPython socket has them.
 Topics and payloads are bytes; the packet header and the receive buffer are allocated once.
 Errors (broker refusal, timeouts, a closed connection) raise MQTTError; the caller reconnects.
+Every inbound packet is bounds-checked before it is used (remaining length against what the packet
+type needs, topic length against the packet, packet ids non-zero, topics valid UTF-8 without wildcards):
+a malformed one is a protocol error (MQTTError), never an IndexError or a read of stale buffer bytes.
 """
 
 import errno
@@ -158,16 +161,33 @@ class Client:
         rx = self.rx
         if t == _PUBLISH:
             if n < 0:
-                return t
+                return t  # too large to hold: read and dropped
+            qos = (ptype >> 1) & 3
+            if qos == 3:
+                raise MQTTError("malformed PUBLISH: QoS 3")
+            if qos == 2:
+                raise MQTTError("QoS 2 PUBLISH: this client subscribes at QoS 0 or 1 only")
+            if n < 2:
+                raise MQTTError("malformed PUBLISH: %d bytes" % n)
             tlen = rx[0] << 8 | rx[1]
             i = 2 + tlen
-            qos = (ptype >> 1) & 3
+            if tlen == 0 or i + (2 if qos else 0) > n:
+                raise MQTTError("malformed PUBLISH: topic of %d bytes in a %d-byte packet" % (tlen, n))
+            topic = bytes(rx[2:i])
+            try:
+                topic.decode()
+            except UnicodeError:
+                raise MQTTError("malformed PUBLISH: topic is not UTF-8") from None
+            if b"+" in topic or b"#" in topic or b"\0" in topic:
+                raise MQTTError("malformed PUBLISH: wildcard or NUL in the topic")
             pid = 0
             if qos:
                 pid = rx[i] << 8 | rx[i + 1]
                 i += 2
+                if pid == 0:
+                    raise MQTTError("malformed PUBLISH: packet id 0")
             if self.on_message:
-                self.on_message(bytes(rx[2 : 2 + tlen]), self.rxv[i:n])
+                self.on_message(topic, self.rxv[i:n])
             if qos == 1:
                 hdr = self.hdr
                 hdr[0] = _PUBACK
@@ -176,13 +196,21 @@ class Client:
                 hdr[3] = pid & 0xFF
                 self._write(memoryview(hdr)[:4])
         elif t == _PUBACK:
+            if n != 2 or ptype != _PUBACK:
+                raise MQTTError("malformed PUBACK")
             self._acked = rx[0] << 8 | rx[1]
         elif t == _SUBACK:
+            if n < 3 or ptype != _SUBACK:
+                raise MQTTError("malformed SUBACK")
             self._suback = rx[0] << 8 | rx[1]
             if rx[2] == 0x80:
                 raise MQTTError("subscription refused")
         elif t == _PINGRESP:
+            if n != 0 or ptype != _PINGRESP:
+                raise MQTTError("malformed PINGRESP")
             self._ping_at = None
+        elif t != _CONNACK:
+            raise MQTTError("unexpected packet type 0x%02x from the broker" % ptype)
         return t
 
     def _next_pid(self):
