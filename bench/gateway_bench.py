@@ -177,37 +177,43 @@ async def run_gateway_scenario(workdir: Path, broker_port: int, points: int, int
 
 
 async def pipeline_throughput(workdir: Path, broker_port: int, total: int) -> dict[str, float]:
-    """decode → spool → encode → publish, in this process, on one core."""
+    """decode → storage (its own thread) → spool → encode → publish, in this process."""
     from decimal import Decimal
 
     from device_drivers.registers import PointSpec, Table, evaluate
     from gateway.clock import SystemClock
     from gateway.config import UplinkConfig
-    from gateway.spool import Spool
+    from gateway.storage import Storage
     from gateway.uplink.mqtt import Identity, Uplink
 
     points = [PointSpec(f"r{i}", Table.HOLDING, i, "uint16", scale=Decimal("0.1")) for i in range(100)]
-    spool = Spool(workdir / "pipeline.db")
-    session = spool.start_session([PointInfo("d", p.name, "", p.type) for p in points], 0)
+    path = workdir / "pipeline" / "spool.db"
+    for old in path.parent.glob("*"):
+        old.unlink()
+    storage = Storage(path)
+    storage.bind(asyncio.get_running_loop())
+    session = storage.open([PointInfo("d", p.name, "", p.type) for p in points], 0).session
     cfg = UplinkConfig(host="127.0.0.1", port=broker_port, tls=False, batch_max=500, batch_delay_s=0.0, client_id="bench-pipeline")
-    uplink = Uplink(cfg, Identity("BENCH-01", "pipe", "bench"), spool, session, SystemClock())
+    uplink = Uplink(cfg, Identity("BENCH-01", "pipe", "bench"), storage, session, SystemClock())
+    storage.on_stored = uplink.wake.set
     stop = asyncio.Event()
     words = [[(i * 37) % 65536] for i in range(100)]
     cpu0, t0 = time.process_time(), time.monotonic()
+    writer = asyncio.create_task(storage.run())
     task = asyncio.create_task(uplink.run(stop))
     ts = 1_764_390_000_000
     for batch in range(total // 100):
         readings = [Reading(i, ts + batch, *evaluate(points[i], words=words[i])) for i in range(100)]
-        spool.append(session, readings)
-        uplink.wake.set()
+        storage.append(readings)
         if batch % 10 == 0:
             await asyncio.sleep(0)
-    while spool.backlog() or spool.unsent(limit=1):
+    while storage.pending_readings or await storage.call(lambda s: s.backlog() or s.unsent(limit=1)):
         await asyncio.sleep(0.01)
     cpu1, t1 = time.process_time(), time.monotonic()
     stop.set()
     await task
-    spool.close()
+    writer.cancel()
+    await storage.close()
     return {"readings_per_s": total / (t1 - t0), "cpu_s_per_1000": (cpu1 - cpu0) / total * 1000, "acked": uplink.acked}
 
 

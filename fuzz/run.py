@@ -5,7 +5,7 @@
 
 Each target runs in a process of its own, so its peak memory is its own (resident set size; for
 node.mqtt, MicroPython's heap). Exit status 1 when any target crashed. The goal: 0 crashes, and no input
-slower than 10 ms. "slowest" is, for the pure targets, the five slowest inputs timed again (median of 5):
+slower than 10 ms. "slowest" is, for the pure targets, the 50 slowest inputs timed again (median of 5):
 the cost of the input, not a garbage-collection pause or a busy neighbour that happened during it ("worst
 seen" is that raw maximum). For the transports it is the raw time of a read that got an answer; reads that
 ended in the protocol's own timeout are counted apart.

@@ -139,8 +139,9 @@ class Storage:
         self.catalogue, self.started_ms = tuple(catalogue), now_ms
         after = self.boot.read(notes)
         try:
+            before = len(notes)
             spool = self._open_spool(notes)
-            if spool.created and after > 0:
+            if spool.created and after > 0 and len(notes) == before:  # (a file set aside was reported already)
                 notes.append(f"spool {self.path} was empty although this gateway had run {after} sessions before: "
                              "whatever it held is lost")
             self.session = spool.start_session(self.catalogue, now_ms, after=after)
