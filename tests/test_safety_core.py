@@ -218,3 +218,21 @@ address = 2
     events = [r for r in col.records if "alarm" in r]
     fault = next(e for e in events if e["alarm"] == "gateway_fault")
     assert fault["rule"] == "gateway.storage" and "RuntimeError" in fault["message"]
+
+
+async def test_the_control_socket_refuses_a_forged_or_unbounded_name(mosquitto, tmp_path: Path) -> None:
+    async with gas_rig() as rig:
+        cfg = gas_config(mosquitto.port, tmp_path, rig.port)
+        await rig.gas(cfg, 60)
+        async with running(Gateway(cfg)) as gw:
+            sock = cfg.state_dir / "control.sock"
+            await until(lambda: sock.exists() and gw.desk is not None and gw.desk.engine.level("gas.lel1") == Level.II_ORANGE)
+            forged = await control_request(sock, {"ack": "gas.lel1", "by": "li\n2026-12-02 WARNING yujing.alarms: all clear"})
+            huge = await control_request(sock, {"ack": "gas.lel1", "by": "x" * 100})
+            over = await control_request(sock, {"ack": "gas.lel1", "by": "x" * 5000})  # past the request line limit
+            assert gw.desk.engine.level("gas.lel1") == Level.II_ORANGE
+            good = await control_request(sock, {"ack": "gas.lel1", "by": "li"})
+    assert not forged["ok"] and "printable" in forged["message"] and "\n" not in forged["message"]
+    assert not huge["ok"] and len(huge["message"]) < 200
+    assert not over["ok"] and "bad request" in over["message"]
+    assert good["ok"]

@@ -232,3 +232,65 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing_already_stored(tmp_path:
     s.db.execute("PRAGMA max_page_count = 1000000")
     assert s.backlog() >= 1
     assert wire.decode_data(s.seal(1, now_ms=T, historical_after_ms=1).payload).readings[0].value == 1
+
+
+def test_alarm_events_are_flagged_historical_one_by_one(tmp_path: Path) -> None:
+    """Old and fresh events never share a message, so the historical flag is exact for every event."""
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    now = T + 3_600_000
+    s.append_events(1, [_event(T), _event(T + 1), _event(now - 1000), _event(now - 500), _event(T + 2)])
+    got = []
+    while (m := s.seal_alarms(100, now_ms=now, historical_after_ms=60_000)) is not None:
+        a = wire.decode_alarm(m.payload)
+        got.append((a.historical, [e.ts_ms for e in a.events]))
+    assert got == [(True, [T, T + 1]), (False, [now - 1000, now - 500]), (True, [T + 2])]
+
+
+def test_readings_on_both_sides_of_the_historical_line_go_in_separate_messages(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    now = T + 3_600_000
+    s.append(1, [Reading(0, T, 1)])
+    s.append(1, [Reading(0, now - 1000, 2)])
+    first = wire.decode_data(s.seal(100, now_ms=now, historical_after_ms=60_000).payload)
+    second = wire.decode_data(s.seal(100, now_ms=now, historical_after_ms=60_000).payload)
+    assert (first.historical, [r.value for r in first.readings]) == (True, [1])
+    assert (second.historical, [r.value for r in second.readings]) == (False, [2])
+
+
+def test_readings_taken_while_the_first_connection_was_made_are_live(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.db")
+    s.start_session(CAT, T)
+    s.append(1, [Reading(0, T - 120_000, 1)])  # an outage's reading: backlog
+    s.append(1, [Reading(0, T - 500, 2)])  # polled half a second before the connection came up: live
+    assert s.mark_backlog(older_than_ms=T - 60_000) == 1
+    live = wire.decode_data(s.seal(100, now_ms=T, historical_after_ms=60_000, live=True).payload)
+    assert ([r.value for r in live.readings], live.historical) == ([2], False)
+    old = wire.decode_data(s.seal(100, now_ms=T, historical_after_ms=60_000).payload)
+    assert ([r.value for r in old.readings], old.historical) == ([1], True)
+
+
+def test_a_version_1_spool_is_migrated_without_reusing_a_sequence_number(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    con = sqlite3.connect(db)
+    con.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE sessions (session INTEGER PRIMARY KEY, catalogue BLOB NOT NULL, started_ms INTEGER NOT NULL);
+        CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, session INTEGER NOT NULL, ts INTEGER NOT NULL, n INTEGER NOT NULL, body BLOB NOT NULL);
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, session INTEGER NOT NULL, ts INTEGER NOT NULL, event BLOB NOT NULL);
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, seq INTEGER NOT NULL, session INTEGER NOT NULL,
+                               payload BLOB NOT NULL, UNIQUE (kind, seq));
+        INSERT INTO meta VALUES ('session', 2), ('next_seq', 41), ('next_alarm_seq', 5);
+        INSERT INTO sessions VALUES (1, x'80', 0), (2, x'80', 0);
+        INSERT INTO messages(kind, seq, session, payload) VALUES ('data', 40, 2, x'00');
+    """)
+    con.close()
+    s = Spool(db)
+    assert s.start_session(CAT, T) == 3
+    assert [m.seq for m in s.unsent()] == [40]  # the sealed message survives, to be re-sent
+    s.append(2, [Reading(0, T, 1)])
+    s.append(3, [Reading(0, T, 2)])
+    old = s.seal(10, now_ms=T, historical_after_ms=60_000)
+    new = s.seal(10, now_ms=T, historical_after_ms=60_000)
+    assert (old.session, old.seq) == (2, 41) and (new.session, new.seq) == (3, 1)
