@@ -4,7 +4,7 @@
     .venv/bin/python fuzz/run.py --inputs 5000 --seed 7 commands wire.decode_data
 
 Each target runs in a process of its own, so its peak memory is its own (resident set size; for
-node.mqtt, MicroPython's heap). Exit status 1 when any target crashed. The goal: 0 crashes, and no input
+node.mqtt, the most MicroPython heap one poll() allocated). Exit status 1 when any target crashed. The goal: 0 crashes, and no input
 slower than 10 ms. "slowest" is, for the pure targets, the 50 slowest inputs timed again (median of 5):
 the cost of the input, not a garbage-collection pause or a busy neighbour that happened during it ("worst
 seen" is that raw maximum). For the transports it is the raw time of a read that got an answer; reads that
@@ -36,6 +36,10 @@ def run_one(name: str, inputs: int, seed: int) -> Report:
         return Report(name, crashes=1, examples=[f"the target process failed (exit {proc.returncode}): {proc.stderr[-500:]}"])
 
 
+def _memory(mb: float) -> str:
+    return f"{mb:.1f}MB" if mb >= 1 else f"{mb * 1024:.1f}KB"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", nargs="*", help=f"default: all ({', '.join(TARGETS)})")
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_one(name, args.inputs, args.seed)
         failed |= r.crashes > 0
         print(f"{r.target:<22} {r.inputs:>9,} {r.crashes:>7} {r.timeouts:>8,} {r.slowest_ms:>8.2f}ms {r.p999_ms:>7.2f}ms {r.observed_max_ms:>8.2f}ms "
-              f"{r.peak_rss_mb:>7.1f}MB {r.seconds:>6.0f}s", flush=True)
+              f"{_memory(r.peak_rss_mb):>9} {r.seconds:>6.0f}s", flush=True)
         for example in r.examples:
             print(f"    crash: {example}")
         if r.slowest_ms > 10:

@@ -115,11 +115,20 @@ class Gateway:
                 self.desk.on_readings(readings)  # first: a siren never waits for storage
         except Exception as exc:
             self._sink_failed("rules", exc)
+        else:
+            self._sink_ok("rules")
         try:
             if self.storage is not None:
                 self.storage.append(readings)
         except Exception as exc:
             self._sink_failed("storage", exc)
+        else:
+            self._sink_ok("storage")
+
+    def _sink_ok(self, what: str) -> None:
+        health = self.health
+        if health is not None and health.faults and f"stage.{what}" in health.faults:  # (no string built when all is well)
+            health.ok(f"stage.{what}", f"{what} takes polls again")
 
     def _sink_failed(self, what: str, exc: Exception) -> None:
         self.sink_errors += 1
@@ -148,7 +157,8 @@ class Gateway:
             health.note("storage.start", note)
         self.uplink = uplink = Uplink(cfg.uplink, Identity(cfg.site.id, cfg.site.gateway, __version__), storage, self.session,
                                       self.clock, historical_after_s=self.historical_after_s,
-                                      on_command_error=lambda exc: health.fault("stage.commands", f"command handling failed: {type(exc).__name__}: {exc}"))
+                                      on_command_error=lambda exc: health.fault("stage.commands", f"command handling failed: {type(exc).__name__}: {exc}"),
+                                      on_command_ok=lambda: health.ok("stage.commands", "a command was handled again"))
         uplink_box.append(uplink)
         base = 0
         bases: dict[str, int] = {}

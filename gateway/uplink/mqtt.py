@@ -142,6 +142,7 @@ class Uplink:
         historical_after_s: float = 60.0,
         commands: CommandHandler | None = None,
         on_command_error: Callable[[BaseException], None] | None = None,
+        on_command_ok: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -152,6 +153,7 @@ class Uplink:
         self.historical_after_ms = int(historical_after_s * 1000)
         self.commands = commands
         self.on_command_error = on_command_error
+        self.on_command_ok = on_command_ok
         self.wake = asyncio.Event()
         self.connected = False
         self.published = 0
@@ -226,6 +228,8 @@ class Uplink:
                 if self.on_command_error is not None:
                     self.on_command_error(exc)
                 continue
+            if self.on_command_ok is not None:
+                self.on_command_ok()
             if reply is not None:
                 await client.publish(self.topic("reply"), reply, qos=1)
 
