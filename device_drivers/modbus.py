@@ -18,7 +18,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from gateway.model import Quality, modbus_exception_quality
+from .model import Quality, modbus_exception_quality
 
 from .registers import Table
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from gateway.model import Quality, Value
+from .model import Quality, Value
 
 
 class Table(enum.Enum):

@@ -1,0 +1,53 @@
+"""Imports run one way (gateway → device_drivers), and the platform's decoder needs nothing but cbor2."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_device_drivers_never_import_the_gateway() -> None:
+    for path in sorted((ROOT / "device_drivers").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith("gateway"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+PLATFORM = r"""
+import sys
+from gateway import wire
+from gateway.consumer import Decoder
+from gateway.model import PointInfo, Reading
+birth = wire.encode_birth(session=1, ts_ms=1, site="S", gateway="g", software="x", catalogue=[PointInfo("d", "p", "m", "int16")])
+d = Decoder()
+d.feed("yujing/v1/S/g/birth", birth)
+res = d.feed("yujing/v1/S/g/data", wire.encode_data(1, 1, [Reading(0, 1, 5)]))
+assert res.records[0]["value"] == 5, res
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("pymodbus", "serial", "aiomqtt", "paho", "cryptography", "pycose"))
+print("imported:", heavy)
+assert not heavy
+"""
+
+
+def test_the_platform_decoder_needs_only_cbor2(tmp_path: Path) -> None:
+    """A fresh virtualenv with cbor2 and Yujing installed without its dependencies, as the README says a
+    platform installs it: the decoder and the consumer's Decoder import and work."""
+    env = tmp_path / "platform"
+    venv.create(env, with_pip=True)
+    pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "cbor2>=6.2,<7"], check=True, timeout=300)
+    subprocess.run([*pip, "--no-deps", str(ROOT)], check=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run([str(env / "bin" / "python"), "-c", PLATFORM], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "imported: []" in done.stdout
