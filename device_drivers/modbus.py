@@ -18,24 +18,13 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from .base import DeviceError, TransportError
 from .model import Quality, modbus_exception_quality
 
 from .registers import Table
 
 # pymodbus logs every timeout at ERROR; the scheduler logs state changes instead.
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-
-
-class DeviceError(Exception):
-    """A read failed with a device-side cause; `quality` says which (timeout, CRC, Modbus exception)."""
-
-    def __init__(self, quality: int, detail: str) -> None:
-        super().__init__(detail)
-        self.quality = quality
-
-
-class TransportError(Exception):
-    """The port or connection is unavailable; the whole bus backs off."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,8 +53,11 @@ class AlarmDesk:
         health: Health | None = None,
         outputs: Outputs | None = None,
         publish_state: Callable[[bytes], None] | None = None,
+        device_points: dict[str, range] | None = None,
     ) -> None:
         self.engine = engine
+        # device → the rules on its points: a device may be polled faster while one of them shows a level
+        self._device_rules = {name: engine.rules_reading(points) for name, points in (device_points or {}).items()}
         self.clock = clock
         self.session = session
         self.events = events
@@ -69,6 +72,11 @@ class AlarmDesk:
             health.on_change(self._outputs_changed)
         if self.outputs is not None:
             self.outputs.update(self.levels(), [])  # restored latched alarms drive their outputs at once
+
+    def device_level(self, device: str) -> int:
+        """The highest level any rule reading this device's points shows now (0 when none)."""
+        level = self.engine.level
+        return max((int(level(r)) for r in self._device_rules.get(device, ())), default=0)
 
     def levels(self) -> dict[str, Any]:
         levels: dict[str, Any] = {rule: state.level for rule, state in self.engine.snapshot().items()}

@@ -29,12 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from device_drivers.modbus import ModbusTransport, Transport
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
 from gateway.config import BusConfig, Config
 from gateway.model import Reading
-from gateway.poll.bus import BusScheduler
+from gateway.poll.bus import BusScheduler, make_driver
 from gateway.spool import Spool
 from gateway.uplink.mqtt import Identity, Uplink
 
@@ -50,11 +49,7 @@ from .systemd import Notifier, Watchdog
 
 log = logging.getLogger("yujing.gateway")
 
-TransportFactory = Callable[[BusConfig], Transport]
-
-
-def modbus_transport(bus: BusConfig) -> Transport:
-    return ModbusTransport(bus.name, bus.settings)
+DriverFactory = Callable[[BusConfig, list[Any]], Any]  # (bus, its devices) → the bus type's driver
 
 
 class StartupError(Exception):
@@ -79,7 +74,7 @@ class DeferredStateStore:
 class Gateway:
     config: Config
     clock: Clock = field(default_factory=SystemClock)
-    transport_factory: TransportFactory = modbus_transport
+    driver_factory: DriverFactory = make_driver
     historical_after_s: float = 60.0
     notifier: Notifier = field(default_factory=Notifier)
     # Real time for what is about the real world (the watchdog, restart backoff, stalled disks), whatever
@@ -101,6 +96,7 @@ class Gateway:
     tick_s: float | None = 1.0  # None: no time-driven alarm ticks (tests that drive a virtual clock)
     stop_grace_s: float = 3.5  # SIGTERM to exit within 5 s, with the spool closed
     sink_errors: int = 0
+    _device_points: dict[str, range] = field(default_factory=dict)
 
     @property
     def spool(self) -> Spool | None:
@@ -165,13 +161,16 @@ class Gateway:
         for d in cfg.devices:
             bases[d.name] = base
             base += len(d.points)
+        self._device_points = {d.name: range(bases[d.name], bases[d.name] + len(d.points)) for d in cfg.devices}
         # A bus carries polled devices, or only outputs (a relay module alone on its wire): both need its scheduler.
         used = {d.bus for d in cfg.devices} | {getattr(a, "bus", None) for a in cfg.actions}
-        self.schedulers = [
-            BusScheduler(bus, [(d, bases[d.name]) for d in cfg.devices if d.bus == bus.name], self.transport_factory(bus), self.clock, self._sink)
-            for bus in cfg.buses
-            if bus.name in used
-        ]
+        self.schedulers = []
+        for bus in cfg.buses:
+            if bus.name not in used:
+                continue
+            mine = [d for d in cfg.devices if d.bus == bus.name]
+            self.schedulers.append(BusScheduler(bus, [(d, bases[d.name]) for d in mine], self.driver_factory(bus, mine), self.clock,
+                                                self._sink, interval_policy=self._interval))
         self._start_alarms(storage, uplink, health)
         log.info("site %s gateway %s: session %d, %d devices, %d points, %d alarm rules, %d actions, spool %s",
                  cfg.site.id, cfg.site.gateway, self.session, len(cfg.devices), len(cfg.catalogue), len(cfg.rules),
@@ -242,7 +241,7 @@ class Gateway:
             self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock,
                                             on_event=actuator_event)
         desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, events=storage, health=health,
-                                     outputs=self.outputs, publish_state=uplink.alarm_state)
+                                     outputs=self.outputs, publish_state=uplink.alarm_state, device_points=self._device_points)
         self.inbox = self._command_inbox(desk, storage, health)
         uplink.commands = self.inbox.handle
         desk.tick()  # publishes the restored state (latched alarms survive restarts)
@@ -278,6 +277,17 @@ class Gateway:
         while True:
             self.desk.tick()
             await self.clock.sleep(self.tick_s)
+
+    def _interval(self, device: Any, configured: float) -> float:
+        """How often to poll a device now: faster in its season, faster while an alarm on its points is up."""
+        interval = configured
+        season = device.season
+        if season is not None and season.window.contains(self.clock.time_ms()):
+            interval = min(interval, season.interval_s)
+        if device.alarm_interval_s is not None and self.desk is not None:
+            if self.desk.device_level(device.name) >= device.alarm_level:
+                interval = min(interval, device.alarm_interval_s)
+        return interval
 
     def _ticking(self) -> str | None:
         """For the watchdog: the alarm ticker must have run within the last ten ticks (real seconds)."""

@@ -37,12 +37,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{path}: {len(exc.problems)} problem(s); nothing was started", file=sys.stderr)
             status = 1
             continue
-        from device_drivers.plan import plan_requests
+        from device_drivers.registry import kinds
 
-        requests = sum(
-            len(plan_requests(d.points, coalesce=d.coalesce, max_gap=d.max_gap, max_registers=d.max_registers, max_bits=d.max_bits))
-            for d in cfg.devices
-        )
+        buses = {b.name: b for b in cfg.buses}
+        requests = 0
+        for d in cfg.devices:
+            count = getattr(kinds()[buses[d.bus].kind].module, "requests_per_poll", None)
+            requests += count(d) if count is not None else 1
         print(
             f"{path}: OK — site {cfg.site.id}, gateway {cfg.site.gateway}, {len(cfg.buses)} buses, "
             f"{len(cfg.devices)} devices, {len(cfg.catalogue)} points in {requests} requests per poll round, "

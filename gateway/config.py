@@ -16,30 +16,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from device_drivers.modbus import SerialSettings, TcpSettings
-from device_drivers.plan import MODBUS_MAX_BITS, MODBUS_MAX_REGISTERS
-from device_drivers.registers import (
-    BIT_TYPES,
-    DATA_TYPES,
-    ORDERS,
-    REGISTER_BIT_TYPE,
-    WORD_TYPES,
-    PointSpec,
-    PointValidity,
-    Table,
-)
+from device_drivers.base import Device
+from device_drivers.fields import ID_HINT, ID_RE, NUMBER, Problem, Reader, non_negative, positive
+from device_drivers.registry import kinds as driver_kinds
 
 from .model import PointInfo
 from .wire import DEFAULT_PREFIX
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # no MQTT wildcards or separators
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    message: str
-    line: int | None = None
+__all__ = ["BusConfig", "Config", "ConfigError", "DeviceConfig", "PollGroup", "Problem", "Season", "load", "parse"]
 
 
 class ConfigError(Exception):
@@ -100,28 +84,50 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class BusConfig:
     name: str
-    settings: TcpSettings | SerialSettings
+    kind: str  # the bus `type`: which driver serves it ("tcp", "rtu", "serial_line", "sl651", …)
+    settings: Any  # the driver's own bus settings
     pause_s: float = 0.0  # quiet time on the wire between two transactions
-
-    @property
-    def kind(self) -> str:
-        return "tcp" if isinstance(self.settings, TcpSettings) else "rtu"
+    index: int = 0  # position in the file, for messages
 
 
 @dataclass(frozen=True)
-class DeviceConfig:
-    name: str
-    bus: str
-    unit: int
+class PollGroup:
+    """Points of one device polled at their own interval (`[[devices.groups]]`)."""
+
     interval_s: float
-    points: tuple[PointSpec, ...]
+    points: tuple[int, ...]  # indexes in the device's points
+
+
+@dataclass(frozen=True)
+class Season:
+    """A yearly window (local time) in which a device is polled every `interval_s` (the flood season)."""
+
+    window: Any  # gateway.rules.common.WindowConfig
+    interval_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceConfig(Device):
+    interval_s: float
     retries: int = 1
     offline_after: int = 3  # consecutive failed polls before the device is offline
     backoff_max_s: float = 60.0  # longest wait between probes of an offline device
-    coalesce: bool = True
-    max_gap: int = 8
-    max_registers: int = MODBUS_MAX_REGISTERS
-    max_bits: int = MODBUS_MAX_BITS
+    groups: tuple[PollGroup, ...] = ()  # points with an interval of their own; the rest use interval_s
+    alarm_interval_s: float | None = None  # poll this often while a rule on its points shows alarm_level or more
+    alarm_level: int = 1
+    season: Season | None = None
+    index: int = 0  # position in the file, for messages
+
+    @property
+    def unit(self) -> int | None:
+        """The device's bus address where its protocol has one (Modbus unit id)."""
+        return getattr(self.spec, "unit", None)
+
+    def poll_groups(self) -> tuple[PollGroup, ...]:
+        """Every point once: the declared groups, then the rest at the device's interval."""
+        grouped = {i for g in self.groups for i in g.points}
+        rest = tuple(i for i in range(len(self.points)) if i not in grouped)
+        return (*self.groups, *((PollGroup(self.interval_s, rest),) if rest else ()))
 
 
 @dataclass(frozen=True)
@@ -141,12 +147,7 @@ class Config:
 
     def resolve_point(self, name: str) -> int:
         """`device.point` → catalogue index; KeyError naming the known points otherwise."""
-        device, _, point = name.partition(".")
-        index = self.point_index()
-        if (device, point) not in index:
-            raise KeyError(f"no point {name!r} (points are named device.point, e.g. {next(iter(self.catalogue)).device}."
-                           f"{next(iter(self.catalogue)).name})" if self.catalogue else f"no point {name!r}")
-        return index[(device, point)]
+        return _resolve_point(self.point_index(), self.catalogue, name)
 
     @property
     def state_dir(self) -> Path:
@@ -205,72 +206,6 @@ class Locator:
         return None
 
 
-# ---------------------------------------------------------------- field reader
-
-
-class Reader:
-    """Takes typed fields out of one TOML table; whatever is left at the end is an unknown key."""
-
-    def __init__(self, table: Any, path: str, errors: list[Problem]) -> None:
-        self.path = path
-        self.errors = errors
-        self.ok = isinstance(table, dict)
-        self.table: dict[str, Any] = dict(table) if self.ok else {}
-        if not self.ok:
-            self.error("", f"expected a table, got {_type_name(table)}")
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str, message: str) -> None:
-        self.errors.append(Problem(self.key(name) if name else self.path, message))
-
-    def get(self, name: str, types: type | tuple[type, ...], default: Any = ..., *, check=None, hint: str = "") -> Any:
-        if name not in self.table:
-            if default is ...:
-                if self.ok:
-                    self.error(name, "missing (required)")
-                return None
-            return default
-        value = self.table.pop(name)
-        types_ = types if isinstance(types, tuple) else (types,)
-        if isinstance(value, bool) and bool not in types_:
-            good = False
-        else:
-            good = isinstance(value, types_)
-        if not good:
-            want = " or ".join(_type_name_of(t) for t in types_)
-            self.error(name, f"expected {want}, got {_type_name(value)} {value!r}")
-            return None if default is ... else default
-        if check is not None and not check(value):
-            self.error(name, f"invalid value {value!r}{': ' + hint if hint else ''}")
-            return None if default is ... else default
-        return value
-
-    def finish(self) -> None:
-        for name in self.table:
-            self.error(name, "unknown key")
-
-
-def _type_name_of(t: type) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "an array", dict: "a table"}.get(t, t.__name__)
-
-
-def _type_name(v: Any) -> str:
-    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "table"}.get(type(v), type(v).__name__)
-
-
-NUMBER = (int, float)
-
-
-def _positive(v: float) -> bool:
-    return v > 0
-
-
-def _non_negative(v: float) -> bool:
-    return v >= 0
-
-
 # ---------------------------------------------------------------- sections
 
 
@@ -313,10 +248,10 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
     insecure = r.get("allow_plaintext", bool, False)
     keepalive = r.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, hint="5..3600")
     batch_max = r.get("batch_max", int, 500, check=lambda v: 1 <= v <= 10000, hint="1..10000")
-    batch_delay = r.get("batch_delay_s", NUMBER, 1.0, check=_non_negative, hint="≥ 0")
-    bmin = r.get("backoff_min_s", NUMBER, 1.0, check=_positive, hint="> 0")
-    bmax = r.get("backoff_max_s", NUMBER, 60.0, check=_positive, hint="> 0")
-    drain_rate = r.get("drain_rate", NUMBER, 0, check=_non_negative, hint="readings per second, 0 = as fast as the broker accepts")
+    batch_delay = r.get("batch_delay_s", NUMBER, 1.0, check=non_negative, hint="≥ 0")
+    bmin = r.get("backoff_min_s", NUMBER, 1.0, check=positive, hint="> 0")
+    bmax = r.get("backoff_max_s", NUMBER, 60.0, check=positive, hint="> 0")
+    drain_rate = r.get("drain_rate", NUMBER, 0, check=non_negative, hint="readings per second, 0 = as fast as the broker accepts")
     raw_keys = r.get("command_public_key_file", (str, list), None,
                      check=lambda v: isinstance(v, str) or (bool(v) and all(isinstance(x, str) for x in v)),
                      hint="a PEM file, or an array of them (key rotation)")
@@ -403,174 +338,113 @@ def _spool(r: Reader, base: Path) -> SpoolConfig:
     return SpoolConfig(path or base / "state/spool.db", max_bytes)
 
 
-PARITIES = {"N": "N", "E": "E", "O": "O", "none": "N", "even": "E", "odd": "O"}
-
-
-def _bus(r: Reader) -> BusConfig | None:
-    name = r.get("name", str, check=ID_RE.match, hint="letters, digits, '_', '.', '-'")
-    kind = r.get("type", str, check=lambda v: v in ("tcp", "rtu"), hint='"tcp" or "rtu"')
-    pause = r.get("pause_s", NUMBER, 0.0, check=_non_negative, hint="≥ 0")
-    timeout = r.get("timeout_s", NUMBER, 1.0 if kind == "tcp" else 0.3, check=_positive, hint="> 0")
-    settings: TcpSettings | SerialSettings | None = None
-    if kind == "tcp":
-        host = r.get("host", str)
-        port = r.get("port", int, 502, check=lambda p: 0 < p < 65536, hint="1..65535")
-        if host:
-            settings = TcpSettings(host, port, float(timeout))
-    elif kind == "rtu":
-        port = r.get("port", str)
-        baud = r.get("baudrate", int, 9600, check=lambda v: v in (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200), hint="a standard rate (1200..115200)")
-        bytesize = r.get("bytesize", int, 8, check=lambda v: v in (7, 8), hint="7 or 8")
-        parity = r.get("parity", str, "N", check=lambda v: v in PARITIES, hint='"N", "E" or "O"')
-        stopbits = r.get("stopbits", int, 1, check=lambda v: v in (1, 2), hint="1 or 2")
-        if port:
-            settings = SerialSettings(port, baud, bytesize, PARITIES[parity], stopbits, float(timeout))
+def _bus(r: Reader, index: int) -> BusConfig | None:
+    name = r.get("name", str, check=ID_RE.match, hint=ID_HINT)
+    known = driver_kinds()
+    kind = r.get("type", str, check=lambda v: v in known, hint=" or ".join(f'"{k}"' for k in known))
+    pause = r.get("pause_s", NUMBER, 0.0, check=non_negative, hint="≥ 0")
+    settings = known[kind].parse_bus(r, kind) if kind is not None else None
     r.finish()
-    if name is None or settings is None:
+    if name is None or settings is None or kind is None:
         return None
-    return BusConfig(name, settings, float(pause))
+    return BusConfig(name, kind, settings, float(pause), index)
 
 
-def _decimal(v: int | float) -> Decimal:
-    # str() gives the digits the technician wrote (0.001, not 0.001000000000000000020816…)
-    return Decimal(str(v))
-
-
-def _point(r: Reader, device_max: int) -> PointSpec | None:
-    name = r.get("name", str, check=ID_RE.match, hint="letters, digits, '_', '.', '-'")
-    table_s = r.get("table", str, "holding", check=lambda v: v in {t.value for t in Table}, hint="coil, discrete, input or holding")
-    table = Table(table_s) if table_s else Table.HOLDING
-    address = r.get("address", int, check=lambda v: 0 <= v <= 65535, hint="0..65535 (0-based protocol address)")
-    default_type = "bool" if table.is_bits else "uint16"
-    dtype = r.get("type", str, default_type, check=lambda v: v in DATA_TYPES, hint=", ".join(DATA_TYPES))
-    byte_order = r.get("byte_order", str, "big", check=lambda v: v in ORDERS, hint='"big" or "little"')
-    word_order = r.get("word_order", str, "big", check=lambda v: v in ORDERS, hint='"big" or "little"')
-    bit = r.get("bit", int, None, check=lambda v: 0 <= v <= 15, hint="0..15")
-    scale = r.get("scale", NUMBER, 1, check=lambda v: v != 0, hint="not 0")
-    offset = r.get("offset", NUMBER, 0)
-    unit = r.get("unit", str, "")
-    vmin = r.get("min", NUMBER, None)
-    vmax = r.get("max", NUMBER, None)
-    fault_table = r.get("fault", dict, None)
-    validity = _validity(Reader(fault_table, r.key("fault"), r.errors), dtype) if fault_table is not None else None
-    r.finish()
-    if dtype is not None:
-        if table.is_bits and dtype not in BIT_TYPES:
-            r.error("type", f"{dtype} is a register type, but a {table.value} holds one bit: use type = \"bool\"")
-            dtype = None
-        elif not table.is_bits and dtype in BIT_TYPES:
-            r.error("type", f"bool is for coils and discrete inputs; for one bit of a {table.value} register use type = \"bit\" and bit = N")
-            dtype = None
-        elif dtype == REGISTER_BIT_TYPE and bit is None:
-            r.error("bit", "type \"bit\" needs bit = 0..15")
-        elif dtype != REGISTER_BIT_TYPE and bit is not None:
-            r.error("bit", f"bit is only for type \"bit\", this point is {dtype}")
-    if dtype in WORD_TYPES and WORD_TYPES[dtype][0] > device_max:
-        r.error("type", f"{dtype} needs {WORD_TYPES[dtype][0]} registers but the device reads at most {device_max}")
-    if vmin is not None and vmax is not None and vmin > vmax:
-        r.error("min", f"min {vmin} is more than max {vmax}")
-    if address is not None and dtype in WORD_TYPES and address + WORD_TYPES[dtype][0] > 65536:
-        r.error("address", f"{dtype} at {address} runs past register 65535")
-    if name is None or address is None or dtype is None:
-        return None
-    return PointSpec(
-        name=name, table=table, address=address, type=dtype, byte_order=byte_order or "big", word_order=word_order or "big",
-        bit=bit, scale=_decimal(scale or 1), offset=_decimal(offset or 0), unit=unit, min=vmin, max=vmax, validity=validity,
-    )
-
-
-def _names(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _validity(r: Reader, dtype: str | None) -> PointValidity | None:
-    """`fault = { codes = [65535], raw_min = 3800, raw_max = 20500, flags = ["sensor_fault"], valid = ["ok"] }`"""
-    codes = r.get("codes", list, [], check=lambda v: all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-                  hint="raw register values (integers) that mean the reading is not valid")
-    raw_min = r.get("raw_min", NUMBER, None)
-    raw_max = r.get("raw_max", NUMBER, None)
-    flags = r.get("flags", list, [], check=_names, hint="names of points of this device: fault while true")
-    valid = r.get("valid", list, [], check=_names, hint="names of points of this device: fault while false")
-    r.finish()
-    if raw_min is not None and raw_max is not None and raw_min > raw_max:
-        r.error("raw_min", f"{raw_min} is more than raw_max {raw_max}")
-    if (codes or raw_min is not None or raw_max is not None) and dtype in ("bool", REGISTER_BIT_TYPE):
-        r.error("codes" if codes else "raw_min", "raw fault codes and ranges are for register values, not single bits")
-    if not (codes or raw_min is not None or raw_max is not None or flags or valid):
-        r.error("", "says nothing: give codes, raw_min/raw_max, flags or valid")
-        return None
-    return PointValidity(frozenset(codes or ()), raw_min, raw_max, tuple(flags or ()), tuple(valid or ()))
-
-
-def _device(r: Reader) -> tuple[DeviceConfig | None, list[tuple[int, PointSpec]]]:
-    name = r.get("name", str, check=ID_RE.match, hint="letters, digits, '_', '.', '-'")
-    bus = r.get("bus", str)
-    unit = r.get("unit", int, 1, check=lambda v: 0 <= v <= 255, hint="1..247 on a serial bus, 0..255 over TCP")
-    interval = r.get("interval_s", NUMBER, check=_positive, hint="must be more than 0 seconds")
+def _device(r: Reader, index: int, buses: dict[str, BusConfig]) -> DeviceConfig | None:
+    name = r.get("name", str, check=ID_RE.match, hint=ID_HINT)
+    bus_name = r.get("bus", str)
+    interval = r.get("interval_s", NUMBER, check=positive, hint="must be more than 0 seconds")
     retries = r.get("retries", int, 1, check=lambda v: 0 <= v <= 10, hint="0..10")
     offline_after = r.get("offline_after", int, 3, check=lambda v: v >= 1, hint="≥ 1")
-    backoff_max = r.get("backoff_max_s", NUMBER, 60.0, check=_positive, hint="> 0")
-    coalesce = r.get("coalesce", bool, True)
-    max_gap = r.get("max_gap", int, 8, check=lambda v: 0 <= v <= 124, hint="0..124")
-    max_registers = r.get("max_registers", int, MODBUS_MAX_REGISTERS, check=lambda v: 1 <= v <= MODBUS_MAX_REGISTERS, hint=f"1..{MODBUS_MAX_REGISTERS}")
-    max_bits = r.get("max_bits", int, MODBUS_MAX_BITS, check=lambda v: 1 <= v <= MODBUS_MAX_BITS, hint=f"1..{MODBUS_MAX_BITS}")
-    raw_points = r.get("points", list, [])
-    points: list[tuple[int, PointSpec]] = []
-    for j, table in enumerate(raw_points):
-        pr = Reader(table, f"{r.path}.points[{j}]", r.errors)
-        if pr.ok:
-            p = _point(pr, max_registers or MODBUS_MAX_REGISTERS)
-            if p is not None:
-                points.append((j, p))
+    backoff_max = r.get("backoff_max_s", NUMBER, 60.0, check=positive, hint="> 0")
+    alarm_interval = r.get("alarm_interval_s", NUMBER, None, check=positive, hint="> 0")
+    alarm_level = r.get("alarm_level", str, "IV_BLUE")
+    raw_groups = r.take("groups")
+    raw_season = r.take("season")
+    bus = buses.get(bus_name) if bus_name is not None else None
+    if bus is None:  # without its bus, the protocol's keys cannot be read; say only what is wrong
+        if bus_name is not None:
+            known = ", ".join(sorted(buses)) or "none defined"
+            r.error("bus", f"no bus named {bus_name!r} (buses: {known})")
+        return None
+    parsed = driver_kinds()[bus.kind].parse_device(r, bus)
     r.finish()
-    if not raw_points and r.ok:
-        r.error("points", "a device needs at least one [[devices.points]]")
-    seen: dict[str, int] = {}
-    for j, p in points:
-        if p.name in seen:
-            r.errors.append(Problem(f"{r.path}.points[{j}].name", f"point {p.name!r} is already defined at points[{seen[p.name]}]"))
-        seen.setdefault(p.name, j)
-    for j, p in points:
-        if p.validity is None:
-            continue
-        for key in ("flags", "valid"):
-            for k, status in enumerate(getattr(p.validity, key)):
-                if status == p.name:
-                    r.errors.append(Problem(f"{r.path}.points[{j}].fault.{key}[{k}]", f"{status!r} is this point itself"))
-                elif status not in seen:
-                    known = ", ".join(sorted(seen)) or "none"
-                    r.errors.append(Problem(f"{r.path}.points[{j}].fault.{key}[{k}]",
-                                            f"no point {status!r} on this device (its points: {known}); a status point must be read in the same poll"))
-    _check_overlaps(r, points)
-    if None in (name, bus, unit, interval):
-        return None, points
-    return (
-        DeviceConfig(
-            name=name, bus=bus, unit=unit, interval_s=float(interval), points=tuple(p for _, p in points), retries=retries,
-            offline_after=offline_after, backoff_max_s=float(backoff_max), coalesce=coalesce, max_gap=max_gap,
-            max_registers=max_registers, max_bits=max_bits,
-        ),
-        points,
+    if parsed is None or None in (name, interval):
+        return None
+    spec, points = parsed
+    level = _level(r, "alarm_level", alarm_level)
+    groups = _groups(r, raw_groups, points) if raw_groups is not None else ()
+    season = _season(r, raw_season) if raw_season is not None else None
+    return DeviceConfig(
+        name=name, bus=bus_name, points=points, spec=spec, interval_s=float(interval), retries=retries,
+        offline_after=offline_after, backoff_max_s=float(backoff_max), groups=groups,
+        alarm_interval_s=float(alarm_interval) if alarm_interval is not None else None, alarm_level=level, season=season, index=index,
     )
 
 
-def _check_overlaps(r: Reader, points: list[tuple[int, PointSpec]]) -> None:
-    """Two points may share registers only when they decode them the same way (or pick single bits)."""
-    for a_idx, (ja, a) in enumerate(points):
-        for jb, b in points[a_idx + 1 :]:
-            if a.table is not b.table or a.address >= b.end or b.address >= a.end:
-                continue
-            if REGISTER_BIT_TYPE in (a.type, b.type) or a.table.is_bits:
-                continue
-            if (a.address, a.type, a.byte_order, a.word_order) == (b.address, b.type, b.byte_order, b.word_order):
-                continue
-            r.errors.append(
-                Problem(
-                    f"{r.path}.points[{jb}].address",
-                    f"{b.name} ({b.type} at {b.address}..{b.end - 1}) overlaps {a.name} ({a.type} at {a.address}..{a.end - 1}) "
-                    "and reads the same registers differently",
-                )
-            )
+def _level(r: Reader, key: str, text: str | None) -> int:
+    from .rules.levels import Level
+
+    try:
+        level = Level.parse(text or "IV_BLUE")
+    except ValueError as exc:
+        r.error(key, str(exc))
+        return 1
+    if level == Level.NONE:
+        r.error(key, "NONE is not an alarm level here; use IV_BLUE (blue) or higher")
+        return 1
+    return int(level)
+
+
+def _groups(r: Reader, raw: Any, points: tuple[Any, ...]) -> tuple[PollGroup, ...]:
+    """`[[devices.groups]]`: points = ["a", "b"], interval_s = 1."""
+    if not isinstance(raw, list):
+        r.error("groups", "expected an array of tables ([[devices.groups]])")
+        return ()
+    index = {p.name: i for i, p in enumerate(points)}
+    used: dict[str, int] = {}
+    groups = []
+    for k, table in enumerate(raw):
+        g = Reader(table, r.key(f"groups[{k}]"), r.errors)
+        interval = g.get("interval_s", NUMBER, check=positive, hint="> 0")
+        names = g.get("points", list, check=lambda v: bool(v) and all(isinstance(x, str) for x in v), hint="names of this device's points")
+        g.finish()
+        if interval is None or names is None:
+            continue
+        members = []
+        for n, point in enumerate(names):
+            if point not in index:
+                g.error(f"points[{n}]", f"no point {point!r} on this device (its points: {', '.join(index)})")
+            elif point in used:
+                g.error(f"points[{n}]", f"{point!r} is already in groups[{used[point]}]")
+            else:
+                used[point] = k
+                members.append(index[point])
+        if members:
+            groups.append(PollGroup(float(interval), tuple(members)))
+    return tuple(groups)
+
+
+def _season(r: Reader, raw: Any) -> Season | None:
+    """`season = { start = "06-01", end = "10-31", utc_offset = "+08:00", interval_s = 10 }`."""
+    from .plugins import FieldError
+    from .plugins import Table as KindTable
+    from .rules.common import parse_window
+
+    if not isinstance(raw, dict):
+        r.error("season", "expected a table { start, end, utc_offset, interval_s }")
+        return None
+    rest = dict(raw)
+    interval = rest.pop("interval_s", None)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        r.error("season.interval_s", "required: the interval in the season, > 0 seconds")
+        return None
+    try:
+        window = parse_window(KindTable(rest, r.key("season")))
+    except FieldError as exc:
+        r.errors.append(Problem(exc.path, exc.reason))
+        return None
+    return Season(window, float(interval))
 
 
 # ---------------------------------------------------------------- whole file
@@ -590,6 +464,8 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Config:
+    """Read and check a site file's text. Every problem in it is reported (ConfigError), not just the first:
+    a broken device does not hide the rules, nor a broken rule the actions."""
     base = base or Path.cwd()
     try:
         doc = tomllib.loads(text)
@@ -604,133 +480,143 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
     uplink = _uplink(Reader(uplink_table, "uplink", errors), base, site) if uplink_table is not None else None
     spool = _spool(Reader(top.get("spool", dict, {}), "spool", errors), base)
 
-    buses: list[BusConfig] = []
-    bus_index: dict[str, int] = {}
+    buses: dict[str, BusConfig] = {}
     for i, t in enumerate(top.get("buses", list, [])):
         br = Reader(t, f"buses[{i}]", errors)
-        bus = _bus(br) if br.ok else None
+        bus = _bus(br, i) if br.ok else None
         if bus is None:
             continue
-        if bus.name in bus_index:
-            errors.append(Problem(f"buses[{i}].name", f"bus {bus.name!r} is already defined at buses[{bus_index[bus.name]}]"))
+        if bus.name in buses:
+            errors.append(Problem(f"buses[{i}].name", f"bus {bus.name!r} is already defined at buses[{buses[bus.name].index}]"))
             continue
-        bus_index[bus.name] = i
-        buses.append(bus)
-    _check_serial_ports(buses, bus_index, errors)
-    bus_by_name = {b.name: b for b in buses}
+        buses[bus.name] = bus
+    _check_ports(list(buses.values()), errors)
 
     devices: list[DeviceConfig] = []
-    device_index: dict[str, int] = {}
-    units: dict[tuple[str, int], tuple[int, str]] = {}
+    names: dict[str, int] = {}
     raw_devices = top.get("devices", list, [])
     for i, t in enumerate(raw_devices):
         dr = Reader(t, f"devices[{i}]", errors)
-        if not dr.ok:
-            continue
-        device, _ = _device(dr)
+        device = _device(dr, i, buses) if dr.ok else None
         if device is None:
             continue
-        if device.name in device_index:
-            errors.append(Problem(f"devices[{i}].name", f"device {device.name!r} is already defined at devices[{device_index[device.name]}]"))
+        if device.name in names:
+            errors.append(Problem(f"devices[{i}].name", f"device {device.name!r} is already defined at devices[{names[device.name]}]"))
             continue
-        device_index[device.name] = i
-        if device.bus not in bus_index:
-            known = ", ".join(sorted(bus_index)) or "none defined"
-            errors.append(Problem(f"devices[{i}].bus", f"no bus named {device.bus!r} (buses: {known})"))
-            continue
-        if bus_by_name[device.bus].kind == "rtu" and not 1 <= device.unit <= 247:
-            errors.append(Problem(f"devices[{i}].unit", f"unit {device.unit} on serial bus {device.bus!r}: RS-485 slaves are 1..247 (0 is broadcast, nobody answers)"))
-            continue
-        key = (device.bus, device.unit)
-        if key in units:
-            j, other = units[key]
-            errors.append(Problem(f"devices[{i}].unit", f"unit {device.unit} on bus {device.bus!r} is already used by {other!r} (devices[{j}])"))
-            continue
-        units[key] = (i, device.name)
+        names[device.name] = i
         devices.append(device)
+    for kind in {id(k): k for k in driver_kinds().values()}.values():
+        mine = [b for b in buses.values() if b.kind in kind.kinds]
+        kind.check(mine, [(d.index, d) for d in devices if buses[d.bus].kind in kind.kinds], errors)
     if not raw_devices and isinstance(doc.get("devices", []), list):
         errors.append(Problem("devices", "no [[devices]]: a site needs at least one device to poll"))
     raw_rules = top.get("rules", list, [])
     raw_actions = top.get("actions", list, [])
     top.finish()
 
-    if errors:
+    # Rules and actions are checked against what did parse, so one bad device does not hide them.
+    catalogue = tuple(PointInfo(d.name, p.name, p.unit, p.type) for d in devices for p in d.points)
+    index = {(p.device, p.name): i for i, p in enumerate(catalogue)}
+    rules, declared = _rules(raw_rules, lambda name: _resolve_point(index, catalogue, name), errors)
+    actions = _actions(raw_actions, buses, declared, errors)
+    if errors or site is None or uplink is None:
         locator = Locator(text)
         located = [Problem(p.path, p.message, locator.line(p.path)) for p in errors]
-        located.sort(key=lambda p: p.line or 0)  # read top to bottom, like the file
-        raise ConfigError(shown, located)
-    if site is None or uplink is None:  # unreachable: a missing section is an error above
-        raise ConfigError(shown, [Problem("site" if site is None else "uplink", "missing")])
-    catalogue = tuple(PointInfo(d.name, p.name, p.unit, p.type) for d in devices for p in d.points)
-    cfg = Config(Path(shown), site, uplink, spool, tuple(buses), tuple(devices), catalogue)
-    before = len(errors)
-    rules = _rules(raw_rules, cfg, errors)
-    # Actions name rules: checked against a rule list that failed, they would only echo its errors.
-    actions = _actions(raw_actions, cfg, rules, errors) if len(errors) == before else ()
-    if errors:
-        locator = Locator(text)
-        raise ConfigError(shown, sorted((Problem(p.path, p.message, locator.line(p.path)) for p in errors), key=lambda p: p.line or 0))
-    return Config(Path(shown), site, uplink, spool, tuple(buses), tuple(devices), catalogue, rules, actions)
+        raise ConfigError(shown, sorted(located, key=lambda p: p.line or 0))  # top to bottom, like the file
+    return Config(Path(shown), site, uplink, spool, tuple(buses.values()), tuple(devices), catalogue, rules, actions)
 
 
-def _rules(raw: list[Any], cfg: Config, errors: list[Problem]) -> tuple[Any, ...]:
-    from .rules import AlarmEngine, RuleConfigError, order_rules, parse_rule
+def _resolve_point(index: dict[tuple[str, str], int], catalogue: tuple[PointInfo, ...], name: str) -> int:
+    device, _, point = name.partition(".")
+    if (device, point) not in index:
+        example = f" (points are named device.point, e.g. {catalogue[0].device}.{catalogue[0].name})" if catalogue else ""
+        raise KeyError(f"no point {name!r}{example}")
+    return index[(device, point)]
+
+
+def _rules(raw: list[Any], resolve: Any, errors: list[Problem]) -> tuple[tuple[Any, ...], list[str]]:
+    """(the rules that are valid, the ids every rule table declares). Each rule's problems are reported."""
+    from .rules import AlarmEngine, PointConfig, RuleConfigError, order_rules, parse_rule
+    from .rules.registry import kind_of
+
+    declared = [item["id"] for item in raw if isinstance(item, dict) and isinstance(item.get("id"), str)]
+    good = []
+    for i, item in enumerate(raw):
+        try:
+            c = parse_rule(item, f"rules[{i}]")
+            if isinstance(c, PointConfig):
+                kind_of(c).cls(c, resolve)  # resolves every point name now, not at run time
+        except RuleConfigError as exc:
+            errors.append(Problem(exc.path or f"rules[{i}]", exc.reason))
+            continue
+        good.append(c)
+    failed = set(declared) - {c.id for c in good}
+    while True:  # ids, references, cycles: drop what is wrong and look again, so each problem is said once
+        try:
+            order_rules(good)
+            break
+        except RuleConfigError as exc:
+            culprit = next((c for c in good if exc.path and exc.path.startswith(c.path)), None)
+            if not any(f"{x!r}" in exc.reason for x in failed):  # not an echo of a rule already reported
+                errors.append(Problem(exc.path or "rules", exc.reason))
+            if culprit is None:
+                return (), declared
+            good.remove(culprit)
+            failed.add(culprit.id)
+    if failed:
+        return (), declared
+    AlarmEngine(good, resolve)
+    return tuple(good), declared
+
+
+def _actions(raw: list[Any], buses: dict[str, BusConfig], rule_ids: list[str], errors: list[Problem]) -> tuple[Any, ...]:
+    from .actions import ActionConfigError
+    from .actions.registry import check_actions, parse_action
+    from .health import FAULT_RULE
 
     configs = []
     for i, item in enumerate(raw):
         try:
-            configs.append(parse_rule(item, f"rules[{i}]"))
-        except RuleConfigError as exc:
-            errors.append(Problem(exc.path or f"rules[{i}]", exc.reason))
-    if len(configs) != len(raw):
-        return ()
-    try:
-        order_rules(configs)
-        AlarmEngine(configs, cfg.resolve_point)  # resolves every point name now, not at run time
-    except RuleConfigError as exc:
-        errors.append(Problem(exc.path or "rules", exc.reason))
-        return ()
-    return tuple(configs)
+            configs.append(parse_action(item, f"actions[{i}]"))
+        except ActionConfigError as exc:
+            errors.append(Problem(exc.path or f"actions[{i}]", exc.reason))
+    ids = [*rule_ids, FAULT_RULE]  # an output may follow the gateway's own fault (a fault lamp)
+    bus_kinds = {name: b.kind for name, b in buses.items()}
+    while configs:  # drop what is wrong and look again, so every action's problem is said
+        try:
+            check_actions(configs, buses=bus_kinds, rule_ids=ids)
+            break
+        except ActionConfigError as exc:
+            errors.append(Problem(exc.path or "actions", exc.reason))
+            culprit = next((c for c in configs if exc.path and exc.path.startswith(c.path)), None)
+            if culprit is None:
+                return ()
+            configs.remove(culprit)
+    return tuple(configs) if len(configs) == len(raw) else ()
 
 
-def _actions(raw: list[Any], cfg: Config, rules: tuple[Any, ...], errors: list[Problem]) -> tuple[Any, ...]:
-    if not raw:
-        return ()
-    try:
-        from .actions import ActionConfigError, parse_actions
-    except ImportError:  # pragma: no cover - the actions package is part of the tree
-        errors.append(Problem("actions", "this build has no alarm actions"))
-        return ()
-    try:
-        from .health import FAULT_RULE
-
-        rule_ids = [r.id for r in rules] + [FAULT_RULE]  # an output may follow the gateway's own fault (a fault lamp)
-        return tuple(parse_actions(raw, "actions", buses={b.name: b.kind for b in cfg.buses}, rule_ids=rule_ids))
-    except ActionConfigError as exc:
-        errors.append(Problem(exc.path or "actions", exc.reason))
-        return ()
-
-
-def _check_serial_ports(buses: list[BusConfig], index: dict[str, int], errors: list[Problem]) -> None:
+def _check_ports(buses: list[BusConfig], errors: list[Problem]) -> None:
     """One serial port is one wire, so it is one bus: its devices must share one scheduler and one line setting."""
     by_port: dict[str, BusConfig] = {}
     for bus in buses:
         s = bus.settings
-        if not isinstance(s, SerialSettings):
+        port = getattr(s, "port", None)
+        if not isinstance(port, str):
             continue
-        other = by_port.setdefault(s.port, bus)
-        if other is bus or not isinstance(o := other.settings, SerialSettings):
+        other = by_port.setdefault(port, bus)
+        if other is bus:
             continue
-        differ = [a for a in ("baudrate", "bytesize", "parity", "stopbits") if getattr(s, a) != getattr(o, a)]
+        o = other.settings
+        differ = [a for a in ("baudrate", "bytesize", "parity", "stopbits") if getattr(s, a, None) != getattr(o, a, None)]
         if differ:
             a = differ[0]
             errors.append(Problem(
-                f"buses[{index[bus.name]}].{a}",
-                f"port {s.port} is also bus {other.name!r} at {a} {getattr(o, a)}, here {getattr(s, a)}: one wire runs "
+                f"buses[{bus.index}].{a}",
+                f"port {port} is also bus {other.name!r} at {a} {getattr(o, a, None)}, here {getattr(s, a, None)}: one wire runs "
                 "at one setting; give the device its own port or reconfigure it to match",
             ))
         else:
             errors.append(Problem(
-                f"buses[{index[bus.name]}].port",
-                f"port {s.port} is already bus {other.name!r}: put every device of one wire on one bus, so requests never overlap",
+                f"buses[{bus.index}].port",
+                f"port {port} is already bus {other.name!r}: put every device of one wire on one bus, so requests never overlap",
             ))

@@ -156,11 +156,15 @@ class Table:
         return [type(self)(item, f"{self.at(key)}[{i}]") for i, item in enumerate(value)]
 
     def finish(self) -> None:
-        """Reject keys that no getter asked for."""
+        """Reject keys that no getter asked for, suggesting the nearest known one."""
+        import difflib
+
         for key in self.raw:
             if key not in self._known:
+                near = difflib.get_close_matches(key, self._known, n=1, cutoff=0.6)
                 known = ", ".join(sorted(self._known))
-                raise self.error(key, f"unknown key; known keys here: {known}")
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise self.error(key, f"unknown key; {hint}known keys here: {known}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from device_drivers.modbus import ModbusTransport, TcpSettings
+from device_drivers.drivers.modbus import ModbusDevice, ModbusDriver
+from device_drivers.modbus import TcpSettings
 from device_drivers.registers import PointSpec, Table
 from gateway.app import stop_tasks
 from gateway.actions import ActionController, ActuatorEvent, parse_actions
@@ -54,11 +55,11 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def bus(port: int, interval_s: float) -> AsyncIterator[Rig]:
-    config = BusConfig(name="plc", settings=TcpSettings("127.0.0.1", port, timeout_s=0.3))
-    sensor = DeviceConfig(name="sensor", bus="plc", unit=SENSOR, interval_s=interval_s,
+    config = BusConfig(name="plc", kind="tcp", settings=TcpSettings("127.0.0.1", port, timeout_s=0.3))
+    sensor = DeviceConfig(name="sensor", bus="plc", spec=ModbusDevice(SENSOR), interval_s=interval_s,
                           points=(PointSpec(name="lel", table=Table.HOLDING, address=0, type="uint16"),), retries=0)
     rig = Rig(None)  # type: ignore[arg-type]
-    rig.scheduler = BusScheduler(config, [(sensor, 0)], ModbusTransport("plc", config.settings), SystemClock(), rig.readings.extend)
+    rig.scheduler = BusScheduler(config, [(sensor, 0)], ModbusDriver(config, [sensor]), SystemClock(), rig.readings.extend)
     task = asyncio.create_task(rig.scheduler.run(), name="bus-plc")
     try:
         yield rig

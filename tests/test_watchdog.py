@@ -22,6 +22,7 @@ ROOT = Path(__file__).parent.parent
 GATEWAY = r"""
 import asyncio, sys, time
 from pathlib import Path
+from device_drivers.drivers.modbus import ModbusDriver
 from device_drivers.modbus import ModbusTransport
 from gateway.app import Gateway, run_until_signalled
 from gateway.config import load
@@ -38,7 +39,12 @@ class Faulty(ModbusTransport):
         return await super().read(*args)
 
 cfg = load(sys.argv[1])
-asyncio.run(run_until_signalled(Gateway(cfg, transport_factory=lambda bus: Faulty(bus.name, bus.settings))))
+def driver(bus, devices):
+    d = ModbusDriver(bus, devices)
+    d.transport = Faulty(bus.name, bus.settings)
+    return d
+
+asyncio.run(run_until_signalled(Gateway(cfg, driver_factory=driver)))
 """
 
 SITE = """

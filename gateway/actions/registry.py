@@ -63,6 +63,12 @@ def parse_actions(
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
         raise ActionConfigError(path, f"expected a list of action tables, got {type(raw).__name__}")
     configs = tuple(parse_action(item, f"{path}[{i}]") for i, item in enumerate(raw))
+    check_actions(configs, buses=buses, rule_ids=rule_ids)
+    return configs
+
+
+def check_actions(configs: Sequence[ActionConfig], *, buses: Mapping[str, str], rule_ids: Collection[str]) -> None:
+    """The checks across actions and against the site (see parse_actions); raises ActionConfigError."""
     ids = sorted(rule_ids)
     names: dict[str, ActionConfig] = {}
     targets: dict[tuple[Any, ...], ActionConfig] = {}
@@ -83,7 +89,6 @@ def parse_actions(
                 raise ActionConfigError(c.where(), f"{c.name!r} drives the same {target[0]} as {other.name!r} ({other.where()}); "
                                         "two actions would fight over it: widen one action's when.rules instead")
             targets[target] = c
-    return configs
 
 
 def _one(pattern: str, rule_id: str) -> bool:

@@ -203,6 +203,16 @@ class AlarmEngine:
         """Every rule id, in configuration order."""
         return tuple(self._rules)
 
+    def rules_reading(self, points: Iterable[int]) -> tuple[str, ...]:
+        """The rules that read any of these catalogue points, and the combinations built on them."""
+        ids: dict[str, None] = {}
+        for point in points:
+            for rule in self._by_point.get(point, ()):
+                ids[rule.id] = None
+                for combo in self._dependents.get(rule.id, ()):
+                    ids[combo] = None
+        return tuple(ids)
+
     @property
     def points(self) -> frozenset[int]:
         """The catalogue indexes some rule reads."""
