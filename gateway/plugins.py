@@ -60,7 +60,11 @@ class Table:
         if key in self.raw:
             return self.raw[key]
         if default is MISSING:
-            raise self.error_type(self.at(key), "missing required key")
+            import difflib
+
+            near = difflib.get_close_matches(key, [k for k in self.raw if isinstance(k, str)], n=1, cutoff=0.6)
+            hint = f" (is {near[0]!r} a typo for it?)" if near else ""
+            raise self.error_type(self.at(key), f"missing required key{hint}")
         return default
 
     def error(self, key: str, reason: str) -> FieldError:

@@ -170,3 +170,58 @@ def test_problems_are_listed_in_file_order() -> None:
         parse(text, "site.toml")
     lines = [p.line for p in info.value.problems]
     assert lines == sorted(lines) and len(lines) == 2
+
+
+RULES = """
+[[rules]]
+kind = "threshold"
+id = "r.one"
+point = "radar.nope"
+levels = [ { level = "IV_BLUE", set = 1 } ]
+
+[[rules]]
+kind = "threshold"
+id = "r.two"
+point = "midas.nothing"
+levels = [ { level = "IV_BLUE", set = 1 } ]
+
+[[rules]]
+kind = "threshold"
+id = "r.three"
+point = "radar.gap"
+levlels = [ { level = "IV_BLUE", set = 1 } ]
+
+[[actions]]
+kind = "coil"
+name = "siren"
+when = { rules = ["r.*"], level = "II_ORANGE" }
+bus = "plc"
+unit = 1
+address = 0
+
+[[actions]]
+kind = "coil"
+name = "beacon"
+when = { rules = ["x.*"], level = "II_ORANGE" }
+bus = "plc"
+unit = 1
+address = 1
+"""
+
+
+def test_every_problem_in_rules_devices_and_actions_is_reported_together() -> None:
+    """Two bad rule points are two problems; a duplicate unit does not hide them; a typo neither; the
+    actions are checked too (without echoing the rules' errors)."""
+    text = GOOD.replace('name = "midas"\nbus = "plc"\nunit = 1', 'name = "midas"\nbus = "plc"\nunit = 1\nintervall_s = 1') + RULES
+    text = text.replace('[[devices]]\nname = "midas"', '[[devices]]\nname = "twin"\nbus = "a"\nunit = 1\ninterval_s = 1\n  [[devices.points]]\n  name = "x"\n  address = 9\n\n[[devices]]\nname = "midas"')
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml")
+    lines = info.value.lines()
+    assert any("rules[0].point: unknown point 'radar.nope'" in line for line in lines), lines
+    assert any("rules[1].point: unknown point 'midas.nothing'" in line for line in lines), lines
+    assert any("rules[2].levels: missing required key (is 'levlels' a typo for it?)" in line for line in lines), lines
+    assert any("devices[1].unit: unit 1 on bus 'a' is already used by 'radar'" in line for line in lines), lines
+    assert any("devices[2].intervall_s: unknown key (did you mean 'interval_s'?)" in line for line in lines), lines
+    assert any("actions[1].when.rules[0]: no rule id matches 'x.*'" in line for line in lines), lines
+    assert not any("actions[0]" in line for line in lines), lines  # 'r.*' matches declared rules, broken or not
+    assert len(lines) == 6, lines
