@@ -154,7 +154,9 @@ class Gateway:
         self.uplink = uplink = Uplink(cfg.uplink, Identity(cfg.site.id, cfg.site.gateway, __version__), storage, self.session,
                                       self.clock, historical_after_s=self.historical_after_s,
                                       on_command_error=lambda exc: health.fault("stage.commands", f"command handling failed: {type(exc).__name__}: {exc}"),
-                                      on_command_ok=lambda: health.ok("stage.commands", "a command was handled again"))
+                                      on_command_ok=lambda: health.ok("stage.commands", "a command was handled again"),
+                                      on_refused=lambda kind, why: health.fault(f"uplink.refused.{kind}", why),
+                                      on_accepted=lambda kind: health.ok(f"uplink.refused.{kind}", f"the broker takes {kind} messages again"))
         uplink_box.append(uplink)
         base = 0
         bases: dict[str, int] = {}

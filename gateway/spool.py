@@ -38,7 +38,7 @@ from .model import PointInfo, Reading
 
 log = logging.getLogger("yujing.spool")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -69,7 +69,16 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     UNIQUE (session, kind, seq)
 );
+CREATE TABLE IF NOT EXISTS dead_letters (   -- messages the broker refused for good, kept with the reason
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    session INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+MAX_DEAD_LETTERS = 10_000  # the oldest go past this (each is counted in meta 'rejected')
 
 ALARM, DATA = "alarm", "data"
 _SEQ_COLUMN = {DATA: "next_seq", ALARM: "next_alarm_seq"}
@@ -506,6 +515,21 @@ class Spool:
         if len(self._acked) >= 256:
             with self._tx():
                 self._flush_acked()
+
+    @_guarded
+    def rejected(self, message_id: int, reason: str) -> None:
+        """The broker refused this message for good: move it to the dead-letter table, with the reason."""
+        with self._tx():
+            self.db.execute("INSERT INTO dead_letters(kind, seq, session, payload, reason) "
+                            "SELECT kind, seq, session, payload, ? FROM messages WHERE id = ?", (reason[:500], message_id))
+            self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            self.db.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (MAX_DEAD_LETTERS,))
+            self._set_meta("rejected", self._meta("rejected") + 1)
+
+    @_guarded
+    def dead_letters(self, limit: int = 100) -> list[tuple[str, int, int, str]]:
+        """The newest refused messages: (kind, session, seq, reason)."""
+        return self.db.execute("SELECT kind, session, seq, reason FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
 
     def _flush_acked(self) -> None:
         if self._acked:

@@ -453,6 +453,18 @@ class Storage:
         if self._loop is not None:
             self._loop.run_in_executor(self._executor, self._job, self._delivered, message_id)
 
+    def rejected(self, message_id: int, reason: str) -> None:
+        """The broker refused a message for good (recorded in order on the storage thread)."""
+        if self._loop is not None:
+            self._loop.run_in_executor(self._executor, self._job, self._rejected, message_id, reason)
+
+    def _rejected(self, message_id: int, reason: str) -> None:
+        try:
+            if self.spool is not None:
+                self.spool.rejected(message_id, reason)
+        except SpoolError as exc:
+            log.warning("%s (the refused message stays and will be sent again)", exc)
+
     def _delivered(self, message_id: int) -> None:
         try:
             if self.spool is not None:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import ssl
+from contextvars import ContextVar
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +58,45 @@ def tls_context(cfg: UplinkConfig) -> ssl.SSLContext | None:
 
 
 MAX_INBOUND_PACKET = 16 * 1024  # the gateway only receives commands (≤ 1 KiB); MQTT 5 tells the broker
+# MQTT 5 PUBACK reasons that mean "not now" rather than "never": the message stays and is sent again later.
+DEFER_REASONS = {0x91, 0x97}  # packet identifier in use, quota exceeded
+
+_last_mid: ContextVar[int] = ContextVar("yujing_last_mid", default=0)
 
 
-def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str | None = None) -> aiomqtt.Client:
+class ReasonClient(aiomqtt.Client):
+    """aiomqtt's client, keeping what it drops: the broker's PUBACK reason code (MQTT 5). A QoS 1 publish
+    the broker refuses (0x87 not authorised, 0x90 topic invalid, 0x99 payload invalid …) is not delivered.
+
+    Relies on aiomqtt 2.x internals (`_on_publish`, the paho client's `publish`), pinned in pyproject.toml
+    and held to by tests/test_uplink_reasons.py.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused: dict[int, Any] = {}
+        paho_publish = self._client.publish
+
+        def recording(*a: Any, **kw: Any) -> Any:
+            info = paho_publish(*a, **kw)
+            _last_mid.set(info.mid)  # per task: each publish runs in a task of its own
+            return info
+
+        self._client.publish = recording  # type: ignore[method-assign]
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if reason_code is not None and getattr(reason_code, "is_failure", False):
+            self._refused[mid] = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_acked(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> tuple[int, str] | None:
+        """Publish; None when the broker took it, else (reason code, its name) of a refusal."""
+        await self.publish(topic, payload, qos=qos, retain=retain)
+        reason = self._refused.pop(_last_mid.get(), None)
+        return None if reason is None else (int(reason.value), str(reason))
+
+
+def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str | None = None) -> ReasonClient:
     protocol = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
     properties = None
     if protocol == aiomqtt.ProtocolVersion.V5:
@@ -68,7 +105,7 @@ def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str 
 
         properties = Properties(PacketTypes.CONNECT)
         properties.MaximumPacketSize = MAX_INBOUND_PACKET
-    client = aiomqtt.Client(
+    client = ReasonClient(
         cfg.host,
         cfg.port,
         username=cfg.username,
@@ -143,6 +180,8 @@ class Uplink:
         commands: CommandHandler | None = None,
         on_command_error: Callable[[BaseException], None] | None = None,
         on_command_ok: Callable[[], None] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
+        on_accepted: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -154,14 +193,33 @@ class Uplink:
         self.commands = commands
         self.on_command_error = on_command_error
         self.on_command_ok = on_command_ok
+        self.on_refused = on_refused
+        self.on_accepted = on_accepted
         self.wake = asyncio.Event()
         self.connected = False
         self.published = 0
         self.acked = 0
+        self.rejected = 0  # messages the broker refused for good: in the spool's dead-letter table
+        self.deferred = 0
+        self._refused_why: dict[str, str] = {}  # message kind → why the broker refuses it
         self._alarm_state: bytes | None = None  # latest retained snapshot to publish
         self._alarm_state_sent: bytes | None = None
         self._bucket = TokenBucket(cfg.drain_rate, clock)
         self._storage_error: str | None = None
+
+    def _refusing(self, kind: str, why: str | None) -> None:
+        """Report a broker that refuses a kind of message (an ACL, a topic limit) once, and its end once."""
+        before = self._refused_why.get(kind)
+        if why is not None and before is None:
+            log.error("%s; the message is kept in the dead-letter table", why)
+            if self.on_refused is not None:
+                self.on_refused(kind, why)
+        elif why is None and before is not None and self.on_accepted is not None:
+            self.on_accepted(kind)
+        if why is None:
+            self._refused_why.pop(kind, None)
+        else:
+            self._refused_why[kind] = why
 
     def topic(self, kind: str) -> str:
         return wire.topic(self.cfg.topic_prefix, self.identity.site, self.identity.gateway, kind)
@@ -297,13 +355,28 @@ class Uplink:
 
         async def send(m: Message) -> None:
             try:
-                await client.publish(self.topic(m.kind), m.payload, qos=1)
+                refused = await client.publish_acked(self.topic(m.kind), m.payload, qos=1)
             except aiomqtt.MqttError as exc:
                 failure.append(exc)
                 self.wake.set()
                 return
-            self.acked += 1
-            self.storage.delivered(m.id)
+            if refused is None:
+                self.acked += 1
+                self.storage.delivered(m.id)
+                self._refusing(m.kind, None)
+                sent.discard(m.id)
+                return
+            code, reason = refused
+            if code in DEFER_REASONS:  # not now: it stays, and goes again after a pause
+                self.deferred += 1
+                await self.clock.sleep(5.0)
+                sent.discard(m.id)
+                self.wake.set()
+                return
+            self.rejected += 1
+            why = f"broker refused {m.kind} seq {m.seq} of session {m.session}: {reason} (0x{code:02x})"
+            self.storage.rejected(m.id, why)
+            self._refusing(m.kind, why)
             sent.discard(m.id)
 
         try:

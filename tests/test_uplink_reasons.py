@@ -1,0 +1,83 @@
+"""A broker that refuses a message (MQTT 5 PUBACK with a failure reason) has not received it: the message
+goes to the spool's dead-letter table with the reason, the gateway reports it once, and the rest flows.
+Real mosquitto with an ACL that lets this gateway publish everything but data."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.spool import Spool
+from gateway.sim.devices import SimServer, SimSlave
+from tests.conftest import free_port, wait_port
+
+from .e2e import collecting, running, site
+
+BODY = """
+[[buses]]
+name = "plc"
+type = "tcp"
+host = "127.0.0.1"
+port = {port}
+
+[[devices]]
+name = "d"
+bus = "plc"
+interval_s = 0.2
+  [[devices.points]]
+  name = "p"
+  address = 0
+"""
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gw1", "pw"], check=True, capture_output=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "platform", "pw"], check=True, capture_output=True)
+    os.chmod(passwd, 0o600)
+    acl = tmp_path / "acl"
+    acl.write_text("user gw1\n" + "".join(f"topic write yujing/v1/TEST-01/gw1/{k}\n" for k in ("birth", "death", "alarm", "alarms", "reply"))
+                   + "topic read yujing/v1/TEST-01/gw1/cmd\n\nuser platform\ntopic read yujing/v1/#\n")
+    port = free_port()
+    conf = tmp_path / "acl.conf"
+    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n")
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port("127.0.0.1", port)
+    yield port
+    proc.terminate()
+    proc.wait(5)
+
+
+async def test_refused_messages_go_to_the_dead_letter_table_with_the_reason(acl_broker: int, tmp_path: Path) -> None:
+    modbus = free_port()
+    server = SimServer([SimSlave(1)], tcp=("127.0.0.1", modbus))
+    await server.start()
+    (tmp_path / "pw").write_text("pw")
+    os.chmod(tmp_path / "pw", 0o600)
+    cfg = site(acl_broker, tmp_path, BODY.format(port=modbus), uplink_extra='username = "gw1"\npassword_file = "pw"')
+    try:
+        async with running(Gateway(cfg)) as gw:
+            await asyncio.sleep(0.1)
+            deadline = asyncio.get_running_loop().time() + 10
+            while (gw.uplink is None or gw.uplink.rejected < 3) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            rejected, acked = gw.uplink.rejected, gw.uplink.acked
+            faults = dict(gw.health.faults)
+    finally:
+        await server.stop()
+    assert rejected >= 3 and acked >= 1  # births and the alarm event went through, data did not
+    assert "uplink.refused.data" in faults and "Not authorized (0x87)" in faults["uplink.refused.data"]
+    spool = Spool(cfg.spool.path)
+    letters = spool.dead_letters()
+    spool.close()
+    assert len(letters) >= 3
+    assert all(kind == "data" and "Not authorized (0x87)" in reason for kind, _, _, reason in letters), letters
