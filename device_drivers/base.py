@@ -66,6 +66,10 @@ class Link(Protocol):
         """Wait on the scheduler's clock (between retries)."""
         ...
 
+    def now_ms(self) -> int:
+        """The scheduler's wall clock, epoch ms: what a reading without a time of its own is stamped with."""
+        ...
+
 
 class Driver(Protocol):
     def polled(self, device: Device) -> bool:
@@ -78,7 +82,7 @@ class Driver(Protocol):
         connection is gone."""
         ...
 
-    async def run(self, deliver: Delivery) -> None:
+    async def run(self, deliver: Delivery, link: Link) -> None:
         """Serve the pushed devices until cancelled (a listening port, a stream of lines). Never returns or
         raises on bad input: garbage and silence become bad-quality readings and log lines."""
         ...

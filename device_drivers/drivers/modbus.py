@@ -336,7 +336,7 @@ class ModbusDriver:
             results[j] = (None, quality)
         return quality
 
-    async def run(self, deliver: Any) -> None:
+    async def run(self, deliver: Any, link: Link) -> None:
         raise NotImplementedError("Modbus devices are polled")
 
     async def write(self, kind: str, unit: int, address: int, value: int | bool, link: Link) -> None:

@@ -118,6 +118,9 @@ class BusScheduler:
     async def pause(self, seconds: float) -> None:
         await self.clock.sleep(seconds)
 
+    def now_ms(self) -> int:
+        return self.clock.time_ms()
+
     async def _pace(self) -> None:
         # Quiet time between frames: slow RS-485 devices need it, and it is the only place requests meet.
         wait = self._last_io + self.bus.pause_s - self.clock.monotonic()
@@ -190,7 +193,7 @@ class BusScheduler:
 
     async def run(self) -> None:
         """Poll until cancelled. Never returns on device errors; a lost port is reopened with backoff."""
-        pushed = asyncio.ensure_future(self.driver.run(self._deliver)) if self.pushed else None
+        pushed = asyncio.ensure_future(self.driver.run(self._deliver, self)) if self.pushed else None
         now = self.clock.monotonic()
         queue: list[tuple[float, int]] = []
         for i, job in enumerate(self.jobs):
