@@ -1,0 +1,173 @@
+"""SL 651-2014: the codec against the standard's frames, and the gateway as a centre for a simulated station
+over real TCP (confirms, duplicates, multi-packet messages out of order, noise, refusals)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from device_drivers import sl651
+from gateway.app import Gateway
+from tests.conftest import free_port
+
+from .e2e import collecting, running, site
+
+# docs/sl651.md: three frames from the standard's transcription, their CRCs checked independently.
+TIMED = bytes.fromhex("7E7E010053010001123432002B020001250715080000F1F100530100014BF0F02507150800201900012526190035603B23019523843812126803FA37")
+ADDED = bytes.fromhex("7E7E0100530100011234330027020002250715081512F1F100530100014BF0F025071508153B230195412045200000000438121261036054")
+RIVER = bytes.fromhex("7E7E010010100001A00032002B02000C200724172349F1F1001010000148F0F020072417232019000130221900004039230000055038121268038397")
+CST = timezone(timedelta(hours=8))
+
+
+def test_the_standard_frames_decode_to_their_values_and_encode_back_byte_for_byte() -> None:
+    expected = {
+        TIMED: (0x32, 1, {0x20: Decimal("12.5"), 0x26: Decimal("356.0"), 0x3B: Decimal("1952.384"), 0x38: Decimal("12.68")}),
+        ADDED: (0x33, 2, {0x3B: Decimal("1954.120"), 0x45: 4, 0x38: Decimal("12.61")}),
+        RIVER: (0x32, 12, {0x20: Decimal("13.0"), 0x22: Decimal("4.0"), 0x39: Decimal("0.550"), 0x38: Decimal("12.68")}),
+    }
+    for raw, (function, serial, values) in expected.items():
+        frame = sl651.decode_frame(raw)
+        report = sl651.decode_report(frame.body)
+        assert (frame.function, report.serial) == (function, serial)
+        assert {i: v for i, _, v in report.values} == values
+        assert sl651.encode_frame(frame) == raw
+        assert sl651.encode_report(report) == frame.body
+    added = sl651.decode_report(sl651.decode_frame(ADDED).body)
+    assert added.values[0][0] == 0x3B  # the trigger element comes first in an added report
+    assert (added.station, added.station_class, added.observed) == ("0053010001", 0x4B, (2025, 7, 15, 8, 15, 0))
+
+
+def test_crc_is_the_modbus_polynomial_high_byte_first() -> None:
+    assert sl651.crc16(TIMED[:-2]) == 0xFA37
+    broken = TIMED[:-1] + bytes([TIMED[-1] ^ 1])
+    with pytest.raises(sl651.SL651Error, match="CRC"):
+        sl651.decode_frame(broken)
+
+
+def test_element_values_negative_missing_and_unknown() -> None:
+    assert sl651.encode_element(0x02, Decimal("-5.5")) == bytes([0x02, 0x11, 0xFF, 0x55])
+    assert sl651.decode_element_value(0x02, 0x11, bytes([0xFF, 0x55])) == Decimal("-5.5")
+    assert sl651.decode_element_value(0x3B, 0x23, b"\xff\xff\xff\xff") is None
+    with pytest.raises(sl651.SL651Error, match="not BCD"):
+        sl651.decode_element_value(0x3B, 0x23, bytes.fromhex("0195A384"))
+    with pytest.raises(sl651.SL651Error, match="does not fit"):
+        sl651.encode_element(0x38, Decimal("123.45"))
+    # an element the table does not know is skipped by its definition byte, not misread
+    body = sl651.decode_frame(TIMED).body
+    odd = body[:23] + bytes([0xA7, 0x10, 0x12, 0x34]) + body[23:]
+    assert [i for i, _, _ in sl651.decode_report(odd).values] == [0xA7, 0x20, 0x26, 0x3B, 0x38]
+
+
+def test_the_deframer_skips_noise_and_false_starts_and_reassembles_split_reads() -> None:
+    d = sl651.Deframer()
+    stream = b"\x00\x7e\xff" + TIMED[:20] + TIMED[20:] + b"\x7e\x7e\x01junk" + ADDED
+    frames = []
+    for i in range(0, len(stream), 7):
+        frames += list(d.feed(stream[i : i + 7]))
+    assert [f.function for f in frames] == [0x32, 0x33]
+    assert d.skipped >= 3
+
+
+def test_multi_packet_messages_in_any_order_and_repeated() -> None:
+    frame = sl651.decode_frame(TIMED)
+    packets = sl651.split_packets(frame, 10)
+    assert len(packets) == 5 and [p.end for p in packets] == [sl651.ETB] * 4 + [sl651.ETX]
+    decoded = [sl651.decode_frame(sl651.encode_frame(p)) for p in packets]
+    r = sl651.Reassembler()
+    order = [3, 0, 0, 4, 2, 1]
+    results = [r.add(decoded[i]) for i in order]
+    assert results[:-1] == [None] * 5 and results[-1] == frame.body
+
+
+SITE = """
+[[buses]]
+name = "hydro"
+type = "sl651"
+listen = "127.0.0.1:{port}"
+centre = 1
+
+[[devices]]
+name = "dam"
+bus = "hydro"
+station = "0053010001"
+password = "1234"
+interval_s = 3600
+  [[devices.points]]
+  name = "ZU"
+  element = "ZU"
+  [[devices.points]]
+  name = "rain_today"
+  element = "20"
+  [[devices.points]]
+  name = "level_alarm"
+  element = "ZT"
+  bit = 2
+"""
+
+
+class Station:
+    """A simulated telemetry station: a TCP client that sends frames and reads the centre's confirms."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.confirms: list[sl651.Frame] = []
+
+    async def __aenter__(self) -> Station:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.deframer = sl651.Deframer()
+        self.task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        while data := await self.reader.read(4096):
+            self.confirms += list(self.deframer.feed(data))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.task.cancel()
+        self.writer.close()
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_gateway_as_centre_takes_confirms_dedups_and_reassembles(mosquitto, tmp_path: Path) -> None:
+    port = free_port()
+    cfg = site(mosquitto.port, tmp_path, SITE.format(port=port))
+    async with collecting(mosquitto.port) as col, running(Gateway(cfg)) as gw:
+        await _until(lambda: gw.schedulers and gw.schedulers[0].driver._server is not None)
+        driver = gw.schedulers[0].driver
+        async with Station(port) as st:
+            await st.send(b"\x00\x13garbage" + TIMED)
+            await _until(lambda: len(st.confirms) == 1)
+            await st.send(TIMED)  # the station missed the confirm and sends it again
+            await _until(lambda: len(st.confirms) == 2)
+            packets = sl651.split_packets(sl651.decode_frame(ADDED), 12)
+            for i in (2, 0, 3, 0, 1):  # out of order, one twice
+                await st.send(sl651.encode_frame(packets[i]))
+            await _until(lambda: len(st.confirms) == 3)
+            wrong = sl651.encode_frame(sl651.Frame(True, 1, "0053010001", 0x9999, 0x32, sl651.decode_frame(TIMED).body, sl651.ETX))
+            await st.send(wrong + TIMED[:-1] + b"\x00")  # a wrong password, then a bad CRC
+            await asyncio.sleep(0.3)
+        await col.wait_for(lambda c: sum(1 for r in c.records if r.get("point") == "ZU") >= 2)
+        assert driver.duplicates == 1 and driver.refused >= 2
+    confirm = st.confirms[0]
+    assert (confirm.up, confirm.function, confirm.station, confirm.centre, confirm.end) == (False, 0x32, "0053010001", 1, sl651.EOT)
+    assert sl651.decode_short_body(confirm.body)[0] == 1  # it confirms serial 1
+    zu = [(r["value"], r["ts"]) for r in col.records if r.get("point") == "ZU"]
+    t1 = int(datetime(2025, 7, 15, 8, 0, tzinfo=CST).timestamp() * 1000)
+    t2 = int(datetime(2025, 7, 15, 8, 15, tzinfo=CST).timestamp() * 1000)
+    assert zu == [(1952.384, t1), (1954.12, t2)]  # once each, stamped with the station's observation time
+    assert [r["value"] for r in col.records if r.get("point") == "rain_today"] == [12.5]
+    assert [r["value"] for r in col.records if r.get("point") == "level_alarm"] == [True]
