@@ -46,6 +46,7 @@ from .rules import AlarmEngine, FileStateStore, RuleStateError
 from .storage import Storage
 from .supervise import Supervisor
 from .systemd import Notifier, Watchdog
+from .uplink import base as uplinks
 
 log = logging.getLogger("yujing.gateway")
 
@@ -96,6 +97,8 @@ class Gateway:
     tick_s: float | None = 1.0  # None: no time-driven alarm ticks (tests that drive a virtual clock)
     stop_grace_s: float = 3.5  # SIGTERM to exit within 5 s, with the spool closed
     sink_errors: int = 0
+    extra_uplinks: list[Any] = field(default_factory=list)  # [[uplinks]]: SL 651 centre, SMS …
+    latest: uplinks.LatestValues | None = None  # kept only when an extra uplink reads it
     _device_points: dict[str, range] = field(default_factory=dict)
 
     @property
@@ -116,6 +119,8 @@ class Gateway:
         try:
             if self.storage is not None:
                 self.storage.append(readings)
+            if self.latest is not None:
+                self.latest.update(readings)
         except Exception as exc:
             self._sink_failed("storage", exc)
         else:
@@ -173,7 +178,17 @@ class Gateway:
             mine = [d for d in cfg.devices if d.bus == bus.name]
             self.schedulers.append(BusScheduler(bus, [(d, bases[d.name]) for d in mine], self.driver_factory(bus, mine), self.clock,
                                                 self._sink, interval_policy=self._interval))
-        self._start_alarms(storage, uplink, health)
+        fanout = uplinks.EventFanout(storage)
+        if cfg.uplinks:
+            self.latest = uplinks.LatestValues(len(cfg.catalogue))
+        self._start_alarms(fanout, storage, uplink, health)
+        if cfg.uplinks:
+            assert self.desk is not None
+            desk = self.desk
+            context = uplinks.UplinkContext(cfg.site.id, cfg.site.gateway, cfg.catalogue, cfg.resolve_point, self.clock, health,
+                                            self.latest, fanout, main=uplink,  # type: ignore[arg-type]
+                                            rules_on_point=lambda point: desk.engine.rules_reading((point,)))
+            self.extra_uplinks = [uplinks.build(c, context) for c in cfg.uplinks]
         log.info("site %s gateway %s: session %d, %d devices, %d points, %d alarm rules, %d actions, spool %s",
                  cfg.site.id, cfg.site.gateway, self.session, len(cfg.devices), len(cfg.catalogue), len(cfg.rules),
                  len(cfg.actions), cfg.spool.path)
@@ -195,6 +210,8 @@ class Gateway:
                 ]
                 uplink_stop = asyncio.Event()  # set once the last polls are in the spool
                 uplink_task = tg.create_task(supervisor.run("uplink", lambda: uplink.run(uplink_stop)), name="uplink")
+                for extra, c in zip(self.extra_uplinks, cfg.uplinks):
+                    helpers.append(tg.create_task(supervisor.run(f"uplink-{c.name}", lambda e=extra: e.run(stop)), name=f"uplink-{c.name}"))
                 self.notifier.send("READY=1", f"STATUS={self._status_line()}")
                 await stop.wait()
                 self.notifier.send("STOPPING=1")
@@ -219,7 +236,7 @@ class Gateway:
                 self.desk.engine.save()  # the rate and accumulation windows, up to this moment
             await storage.close()
 
-    def _start_alarms(self, storage: Storage, uplink: Uplink, health: Health) -> None:
+    def _start_alarms(self, events: uplinks.EventFanout, storage: Storage, uplink: Uplink, health: Health) -> None:
         cfg = self.config
         state_file = FileStateStore(cfg.state_dir / "alarms.json")
         store = DeferredStateStore(state_file, storage)
@@ -242,7 +259,7 @@ class Gateway:
 
             self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock,
                                             on_event=actuator_event)
-        desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, events=storage, health=health,
+        desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, events=events, health=health,
                                      outputs=self.outputs, publish_state=uplink.alarm_state, device_points=self._device_points)
         self.inbox = self._command_inbox(desk, storage, health)
         uplink.commands = self.inbox.handle

@@ -141,6 +141,7 @@ class Config:
     catalogue: tuple[PointInfo, ...] = field(default=())
     rules: tuple[Any, ...] = field(default=())  # gateway.rules configs, validated against the catalogue
     actions: tuple[Any, ...] = field(default=())  # gateway.actions configs
+    uplinks: tuple[Any, ...] = field(default=())  # gateway.uplink kinds beside the platform's ([[uplinks]])
 
     def point_index(self) -> dict[tuple[str, str], int]:
         return {(p.device, p.name): i for i, p in enumerate(self.catalogue)}
@@ -512,6 +513,7 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
         errors.append(Problem("devices", "no [[devices]]: a site needs at least one device to poll"))
     raw_rules = top.get("rules", list, [])
     raw_actions = top.get("actions", list, [])
+    raw_uplinks = top.get("uplinks", list, [])
     top.finish()
 
     # Rules and actions are checked against what did parse, so one bad device does not hide them.
@@ -519,11 +521,12 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
     index = {(p.device, p.name): i for i, p in enumerate(catalogue)}
     rules, declared = _rules(raw_rules, lambda name: _resolve_point(index, catalogue, name), errors)
     actions = _actions(raw_actions, buses, declared, errors)
+    uplinks = _uplinks(raw_uplinks, lambda name: _resolve_point(index, catalogue, name), errors)
     if errors or site is None or uplink is None:
         locator = Locator(text)
         located = [Problem(p.path, p.message, locator.line(p.path)) for p in errors]
         raise ConfigError(shown, sorted(located, key=lambda p: p.line or 0))  # top to bottom, like the file
-    return Config(Path(shown), site, uplink, spool, tuple(buses.values()), tuple(devices), catalogue, rules, actions)
+    return Config(Path(shown), site, uplink, spool, tuple(buses.values()), tuple(devices), catalogue, rules, actions, uplinks)
 
 
 def _resolve_point(index: dict[tuple[str, str], int], catalogue: tuple[PointInfo, ...], name: str) -> int:
@@ -592,6 +595,30 @@ def _actions(raw: list[Any], buses: dict[str, BusConfig], rule_ids: list[str], e
             if culprit is None:
                 return ()
             configs.remove(culprit)
+    return tuple(configs) if len(configs) == len(raw) else ()
+
+
+def _uplinks(raw: list[Any], resolve: Any, errors: list[Problem]) -> tuple[Any, ...]:
+    """`[[uplinks]]`: each table by its kind (gateway/uplink/<kind>.py), checked against the site's points."""
+    from .plugins import FieldError, parse_kind_table
+    from .uplink.base import kinds
+
+    configs = []
+    names: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        try:
+            c = parse_kind_table(item, f"uplinks[{i}]", kinds(), "uplink", FieldError)
+        except FieldError as exc:
+            errors.append(Problem(exc.path or f"uplinks[{i}]", exc.reason))
+            continue
+        if c.name in names:
+            errors.append(Problem(f"uplinks[{i}].name", f"uplink {c.name!r} is already uplinks[{names[c.name]}]"))
+            continue
+        names[c.name] = i
+        problems = c.check(resolve) if hasattr(c, "check") else []
+        errors.extend(Problem(path, message) for path, message in problems)
+        if not problems:
+            configs.append(c)
     return tuple(configs) if len(configs) == len(raw) else ()
 
 

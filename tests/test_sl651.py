@@ -171,3 +171,120 @@ async def test_the_gateway_as_centre_takes_confirms_dedups_and_reassembles(mosqu
     assert zu == [(1952.384, t1), (1954.12, t2)]  # once each, stamped with the station's observation time
     assert [r["value"] for r in col.records if r.get("point") == "rain_today"] == [12.5]
     assert [r["value"] for r in col.records if r.get("point") == "level_alarm"] == [True]
+
+
+STATION_SITE = """
+[[buses]]
+name = "plc"
+type = "tcp"
+host = "127.0.0.1"
+port = {modbus}
+
+[[devices]]
+name = "radar"
+bus = "plc"
+interval_s = 0.2
+  [[devices.points]]
+  name = "level"
+  address = 0
+  scale = 0.001
+  offset = 1900
+  unit = "m"
+  [[devices.points]]
+  name = "rain_today"
+  address = 1
+  scale = 0.1
+  unit = "mm"
+
+[[rules]]
+kind = "threshold"
+id = "res.zu"
+point = "radar.level"
+levels = [ {{ level = "III_YELLOW", set = 1954.0 }} ]
+
+[[uplinks]]
+kind = "sl651"
+name = "authority"
+centre = "127.0.0.1:{centre}"
+centre_address = 7
+station = "0053010001"
+password = "1234"
+station_class = "K"
+timed_interval_s = 1
+keepalive_s = 0.5
+confirm_timeout_s = 0.3
+add_level = "III_YELLOW"
+elements = [ {{ element = "ZU", point = "radar.level" }}, {{ element = "PJ", point = "radar.rain_today" }} ]
+"""
+
+
+class Centre:
+    """A simulated SL 651 centre: takes frames, confirms reports (unless told not to), can query."""
+
+    def __init__(self) -> None:
+        self.frames: list[sl651.Frame] = []
+        self.confirm = True
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        d = sl651.Deframer()
+        while data := await reader.read(4096):
+            for f in d.feed(data):
+                self.frames.append(f)
+                if self.confirm and f.function in (sl651.F_TIMED, sl651.F_ADDED):
+                    serial, _ = sl651.decode_short_body(f.body)
+                    writer.write(sl651.encode_frame(sl651.Frame(False, f.centre, f.station, f.password, f.function,
+                                                                sl651.encode_short_body(serial, (2026, 1, 1, 0, 0, 0)), sl651.EOT)))
+
+    async def query(self) -> None:
+        assert self.writer is not None
+        self.writer.write(sl651.encode_frame(sl651.Frame(False, 7, "0053010001", 0x1234, sl651.F_QUERY,
+                                                         sl651.encode_short_body(0, (2026, 1, 1, 0, 0, 0)), sl651.ENQ)))
+
+    def reports(self, function: int) -> list[sl651.Report]:
+        return [sl651.decode_report(f.body) for f in self.frames if f.function == function]
+
+
+async def test_the_gateway_reports_as_a_station_timed_added_queried_and_resent(mosquitto, tmp_path: Path) -> None:
+    from gateway.sim.devices import SimServer, SimSlave
+
+    modbus = free_port()
+    server = SimServer([SimSlave(1)], tcp=("127.0.0.1", modbus))
+    await server.start()
+    centre = Centre()
+    cfg = site(mosquitto.port, tmp_path, STATION_SITE.format(modbus=modbus, centre=await centre.start()))
+    level, rain = cfg.devices[0].points
+    try:
+        await server.set_point(1, level, Decimal("1953.215"))
+        await server.set_point(1, rain, Decimal("12.5"))
+        async with running(Gateway(cfg)) as gw:
+            await _until(lambda: len(centre.reports(sl651.F_TIMED)) >= 1, timeout=5)
+            timed = centre.reports(sl651.F_TIMED)[0]
+            await server.set_point(1, level, Decimal("1954.120"))
+            await _until(lambda: len(centre.reports(sl651.F_ADDED)) >= 1, timeout=5)
+            added = centre.reports(sl651.F_ADDED)[0]
+            await centre.query()
+            await _until(lambda: len(centre.reports(sl651.F_QUERY)) >= 1)
+            answer = centre.reports(sl651.F_QUERY)[0]
+            centre.confirm = False
+            before = len(centre.frames)
+            await _until(lambda: sum(1 for f in centre.frames[before:] if f.function == sl651.F_TIMED) >= 3, timeout=5)
+            unconfirmed = [sl651.decode_short_body(f.body)[0] for f in centre.frames[before:] if f.function == sl651.F_TIMED][:3]
+            uplink = gw.extra_uplinks[0]
+            await _until(lambda: uplink.sent["given_up"] >= 1, timeout=5)
+    finally:
+        await server.stop()
+        centre.server.close()
+    assert {i: v for i, _, v in timed.values} == {0x3B: Decimal("1953.215"), 0x20: Decimal("12.5")}
+    assert (timed.station, timed.station_class) == ("0053010001", 0x4B)
+    assert [i for i, _, _ in added.values][0] == 0x3B and added.values[0][2] == Decimal("1954.120")  # the trigger first
+    assert {i: v for i, _, v in answer.values}[0x3B] == Decimal("1954.120")
+    assert len(set(unconfirmed)) == 1  # one report, sent three times: the first and two resends
+    assert uplink.sent["given_up"] >= 1
+    assert any(f.function == sl651.F_KEEPALIVE for f in centre.frames)
+    assert all(f.up and f.centre == 7 and f.password == 0x1234 for f in centre.frames)

@@ -197,6 +197,7 @@ class Uplink:
         self.on_accepted = on_accepted
         self.wake = asyncio.Event()
         self.connected = False
+        self.down_since_ms: int | None = clock.time_ms()  # None while connected (other uplinks may look)
         self.published = 0
         self.acked = 0
         self.rejected = 0  # messages the broker refused for good: in the spool's dead-letter table
@@ -237,6 +238,7 @@ class Uplink:
             try:
                 async with make_client(self.cfg, will) as client:
                     self.connected = True
+                    self.down_since_ms = None
                     backoff.reset()
                     older = self.clock.time_ms() - self.historical_after_ms
                     backlog = await self._spool(lambda s: s.mark_backlog(older_than_ms=older), 0)
@@ -257,6 +259,8 @@ class Uplink:
                 else:
                     log.debug("broker %s:%d unreachable: %s", self.cfg.host, self.cfg.port, exc)
             finally:
+                if self.connected:
+                    self.down_since_ms = self.clock.time_ms()
                 self.connected = False
             delay = backoff.next()
             log.info("reconnecting to %s:%d in %.1fs", self.cfg.host, self.cfg.port, delay)
