@@ -164,6 +164,9 @@ class Spool:
             self.db.execute("COMMIT")
             self._page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
             self.events_waiting = self.db.execute("SELECT count(*) FROM events").fetchone()[0]
+        except SpoolError:
+            self._close_quietly()  # the lock goes with the connection, not with the garbage collector
+            raise
         except sqlite3.Error as exc:
             self._close_quietly()
             if "locked" in str(exc):
@@ -177,10 +180,14 @@ class Spool:
         self._acked: set[int] = set()
 
     def _migrate(self) -> None:
-        """Create the tables, or bring a version-1 spool (one data seq per gateway) to version 2."""
+        """Create the tables, or bring an older spool up to date, one version at a time: version 1 had one
+        data seq per gateway; version 2 lacks the dead-letter table, which the CREATE … IF NOT EXISTS below adds."""
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         has_tables = self.db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'meta'").fetchone()[0]
-        if has_tables and version < SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
+            raise SpoolError(f"spool {self.path}: schema version {version} is newer than this gateway's ({SCHEMA_VERSION}); "
+                             "it was written by a later release")
+        if has_tables and version < 2:
             # Carry the old per-gateway counters into every session, so no (session, seq) pair that may
             # already have been sent can be issued again; messages get the per-session uniqueness.
             row = self.db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()

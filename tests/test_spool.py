@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import pytest
 
 from gateway import wire
 from gateway.model import PointInfo, Quality, Reading
-from gateway.spool import Spool
+from gateway.spool import Spool, SpoolError
 
 T = 1_764_390_000_000
 CAT = [PointInfo("d", "p", "", "uint16")]
@@ -269,6 +270,39 @@ def test_readings_taken_while_the_first_connection_was_made_are_live(tmp_path: P
     assert ([r.value for r in live.readings], live.historical) == ([2], False)
     old = wire.decode_data(s.seal(100, now_ms=T, historical_after_ms=60_000).payload)
     assert ([r.value for r in old.readings], old.historical) == ([1], True)
+
+
+def test_a_version_2_spool_gains_the_dead_letter_table_and_keeps_its_messages_and_seqs(tmp_path: Path) -> None:
+    """Version 2 (the release before dead letters) is version 3 without that table: an upgrade must not
+    run the version-1 steps again (it did: "duplicate column name: next_seq", and the spool stayed shut)."""
+    db = tmp_path / "s.db"
+    s = Spool(db)
+    session = s.start_session(CAT, T)
+    s.append(session, [Reading(0, T, 1), Reading(0, T + 1, 2)])
+    sealed = s.seal(10, now_ms=T, historical_after_ms=60_000)
+    s.close()
+    con = sqlite3.connect(db)
+    con.executescript("DROP TABLE dead_letters; PRAGMA user_version = 2;")
+    con.close()
+    s = Spool(db)
+    assert [m.seq for m in s.unsent()] == [sealed.seq]
+    s.append(session, [Reading(0, T + 2, 3)])
+    assert s.seal(10, now_ms=T, historical_after_ms=60_000).seq == sealed.seq + 1
+    s.rejected(sealed.id, "0x87 not authorised")
+    assert s.dead_letters() and s.dead_letters()[0][3] == "0x87 not authorised"
+    s.close()
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_a_spool_from_a_later_release_is_refused_not_rewritten(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    Spool(db).close()
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA user_version = 9")
+    con.close()
+    with pytest.raises(SpoolError, match="newer than this gateway"):
+        Spool(db)
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 9
 
 
 def test_a_version_1_spool_is_migrated_without_reusing_a_sequence_number(tmp_path: Path) -> None:
