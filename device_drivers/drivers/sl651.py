@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ interval_s = 3600           # how often it reports at least (its timed-report in
 
 log = logging.getLogger("yujing.sl651")
 _OFFSET = re.compile(r"^([+-])(\d{2}):(\d{2})$")
+MAX_CONNECTIONS = 64
 ENDS = {"EOT": sl651.EOT, "ACK": sl651.ACK, "ESC": sl651.ESC, "none": None}
 
 
@@ -155,14 +157,16 @@ def check(buses: Sequence[Any], devices: Sequence[tuple[int, Any]], errors: list
         seen.setdefault(key, d.name)
 
 
+def requests_per_poll(device: Device) -> int:
+    return 0  # stations push their reports
+
+
 def station_time_ms(t: sl651.Time, offset_min: int) -> int:
     y, mo, d, h, mi, s = t
     return (calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offset_min * 60) * 1000
 
 
 def local_time(epoch_ms: int, offset_min: int) -> sl651.Time:
-    import time
-
     t = time.gmtime(epoch_ms // 1000 + offset_min * 60)
     return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
 
@@ -175,11 +179,13 @@ class SL651Driver:
         self._seen: OrderedDict[tuple[str, int, int, sl651.Time], None] = OrderedDict()  # recent reports (dedup)
         self._last_heard: dict[str, float] = {}
         self._reassembler = sl651.Reassembler()
-        self._warned: set[str] = set()
+        self._refused_since_log = 0
+        self._refusal_logged_at: float | None = None
         self.frames = 0
         self.refused = 0
         self.duplicates = 0
         self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     def polled(self, device: Device) -> bool:
         return False
@@ -208,7 +214,16 @@ class SL651Driver:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, deliver: Delivery, link: Link) -> None:
         peer = writer.get_extra_info("peername")
+        if len(self._connections) >= MAX_CONNECTIONS:
+            # Each connection holds a frame's worth of bytes and pays for its own checks; their number is
+            # what bounds the whole. A station that finds the centre full dials again (M2 resends).
+            self._refuse(None, f"from {peer}: {MAX_CONNECTIONS} stations already connected; closed")
+            writer.close()
+            return
         deframer = sl651.Deframer()
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
         try:
             while True:
                 data = await asyncio.wait_for(reader.read(4096), self.settings.timeout_s * 10)
@@ -220,12 +235,19 @@ class SL651Driver:
                         writer.write(reply)
                         await writer.drain()
                 if deframer.bad:
-                    log.warning("%s: from %s: frame refused: %s", self.bus.name, peer, deframer.bad[-1])
-                    self.refused += len(deframer.bad)
+                    self._refuse(None, f"from {peer}: {deframer.bad[-1]}", len(deframer.bad))
                     deframer.bad = []
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # The bus is closing. Nothing awaits a connection task, and asyncio's stream callback (3.11)
+            # logs a cancelled one as an error: end it quietly.
+            return
+        except Exception:
+            log.exception("%s: connection from %s dropped", self.bus.name, peer)
         finally:
+            if task is not None:
+                self._connections.discard(task)
             writer.close()
 
     async def _serial(self, deliver: Delivery, link: Link) -> None:
@@ -240,28 +262,47 @@ class SL651Driver:
                 await link.pause(gap)
                 gap = min(gap * 2, 30.0)
                 continue
-            gap = 0.5
+            heard = False
             deframer = sl651.Deframer()
-            queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+            queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
             loop = asyncio.get_running_loop()
 
             def readable() -> None:
-                with contextlib.suppress(BlockingIOError, OSError):
+                try:
                     data = os.read(port.fileno(), 4096)
-                    if data and not queue.full():
-                        queue.put_nowait(data)
+                except BlockingIOError:
+                    return
+                except OSError as exc:  # unplugged: stop watching the fd (it would fire forever) and reopen
+                    log.warning("%s: %s: read failed: %s; reopening", self.bus.name, self.settings.port, exc.strerror)
+                    data = b""
+                if not data:
+                    loop.remove_reader(port.fileno())
+                    with contextlib.suppress(asyncio.QueueFull):
+                        queue.put_nowait(None)
+                elif not queue.full():
+                    queue.put_nowait(data)
 
             loop.add_reader(port.fileno(), readable)
             try:
-                while True:
-                    data = await queue.get()
+                while (data := await queue.get()) is not None:
+                    heard = True
                     for frame in deframer.feed(data):
                         reply = self._frame(frame, deliver, link)
                         if reply is not None:
-                            os.write(port.fileno(), reply)
+                            try:
+                                os.write(port.fileno(), reply)
+                            except OSError as exc:  # the confirm is lost; the station sends again (M2)
+                                log.warning("%s: %s: write failed: %s", self.bus.name, self.settings.port, exc.strerror)
+                    if deframer.bad:
+                        self._refuse(None, f"on {self.settings.port}: {deframer.bad[-1]}", len(deframer.bad))
+                        deframer.bad = []
             finally:
                 loop.remove_reader(port.fileno())
                 port.close()
+            # A port that opens and hangs up at once (a radio modem without power, a dead USB adapter) is
+            # retried at a growing interval, not in a loop.
+            gap = 0.5 if heard else min(gap * 2, 30.0)
+            await link.pause(gap)
 
     def _frame(self, f: sl651.Frame, deliver: Delivery, link: Link) -> bytes | None:
         """One frame from a station → readings; the confirm to send back, if any."""
@@ -303,9 +344,12 @@ class SL651Driver:
                 deliver(device.name, readings)
         if self.settings.confirm is None or f.function == sl651.F_QUERY:
             return None
+        # Table 23: a multi-packet message is confirmed once, in a SYN frame whose total comes from the
+        # station's packets and whose sequence number, for EOT/ESC, is the last one (= the total).
+        packet = None if f.packet is None else (f.packet[0], f.packet[0])
         confirm = sl651.Frame(False, self.settings.centre, f.station, f.password, f.function,
                               sl651.encode_short_body(report.serial, local_time(link.now_ms(), self.settings.utc_offset_min)),
-                              self.settings.confirm)
+                              self.settings.confirm, packet)
         return sl651.encode_frame(confirm)
 
     def _readings(self, device: Device, report: sl651.Report) -> list[tuple[int, int, Value, int]]:
@@ -324,11 +368,17 @@ class SL651Driver:
                     out.append((j, ts, value, Quality.GOOD))
         return out
 
-    def _refuse(self, f: sl651.Frame, why: str) -> None:
-        self.refused += 1
-        if why not in self._warned:
-            self._warned.add(why)
-            log.warning("%s: frame refused: %s", self.bus.name, why)
+    def _refuse(self, f: sl651.Frame | None, why: str, count: int = 1) -> None:
+        # A station (or anyone who reaches the port) can send refusals as fast as the link carries them: one
+        # log line a minute at most, with the count and the latest reason, keeps the journal and memory bounded.
+        self.refused += count
+        self._refused_since_log += count
+        now = time.monotonic()
+        if self._refusal_logged_at is None or now - self._refusal_logged_at >= 60.0:
+            more = f" ({self._refused_since_log} refused since the last report)" if self._refused_since_log > 1 else ""
+            log.warning("%s: frame refused: %s%s", self.bus.name, why, more)
+            self._refusal_logged_at = now
+            self._refused_since_log = 0
         return None
 
     async def _silence(self, deliver: Delivery, link: Link) -> None:
@@ -348,3 +398,5 @@ class SL651Driver:
         if self._server is not None:
             self._server.close()
             self._server = None
+        for task in list(self._connections):
+            task.cancel()

@@ -6,10 +6,13 @@ beside (never instead of) the Yujing platform.
     query (37H)          the centre asks; the current values are the answer
     keep-alive (2FH)     every `keepalive_s` while connected (the last serial, not incremented)
 
-Reports are confirmed by the centre (M2): a report without a confirm within `confirm_timeout_s` is sent
-again, at most `resends` times, then given up with a log line. A reading that is missing or not good goes
-as "no value" (all F). The link is reopened with backoff; what is added while it is down is sent when it
-is back. It reads the gateway's newest values and alarm events only (gateway.uplink.base).
+Reports are made on time whatever the link does, with the values and the observation time of that moment,
+and wait in an outbox (at most `backlog` reports, the oldest dropped first and counted) until the centre
+confirms them, oldest first (M2). A report without a confirm within `confirm_timeout_s` is sent again, at
+most `resends` times; then the link is closed (§6.3.2.3: quit after three failures) and reopened with
+backoff, and the report is sent again on the new link. A reading that is missing or not good goes as "no
+value" (all F). The outbox lives in memory: a restart of the gateway loses what it held (counted in the
+log). It reads the gateway's newest values and alarm events only (gateway.uplink.base).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -46,7 +50,8 @@ station_class = "K"           # Appendix A: "K" reservoir, "H" river, "P" rain, 
 # add_level = "IV_BLUE"       # 33H when an alarm on a reported point reaches this level or more
 # utc_offset = "+08:00"       # the time the reports carry (Beijing time)
 # confirm_timeout_s = 10
-# resends = 2                 # M2: at most 2 resends without a confirm
+# resends = 2                 # M2: at most 2 resends without a confirm, then the link is reopened
+# backlog = 240               # reports kept while the centre is unreachable (10 days of hourly reports)
 elements = [
   { element = "ZU", point = "radar.level" },
   { element = "PJ", point = "rain.today" },
@@ -74,6 +79,7 @@ class Config:
     utc_offset_min: int = 480
     confirm_timeout_s: float = 10.0
     resends: int = 2
+    backlog: int = 240
     elements: tuple[tuple[int, str], ...] = ()  # (element id, point name)
     path: str = ""
 
@@ -119,7 +125,7 @@ class Config:
             timed_interval_s=t.number("timed_interval_s", 3600.0, positive=True), keepalive_s=t.number("keepalive_s", 40.0, non_negative=True),
             add_level=int(level), utc_offset_min=(int(m.group(2)) * 60 + int(m.group(3))) * (-1 if m.group(1) == "-" else 1),
             confirm_timeout_s=t.number("confirm_timeout_s", 10.0, positive=True), resends=t.integer("resends", 2, minimum=0, maximum=5),
-            elements=tuple(elements), path=path,
+            backlog=t.integer("backlog", 240, minimum=1, maximum=10_000), elements=tuple(elements), path=path,
         )
         t.finish()
         return config
@@ -141,10 +147,11 @@ class SL651Uplink:
         self.points = [(ident, ctx.resolve(name)) for ident, name in config.elements]
         self.events = ctx.subscribe()  # from the start: alarms while the link is down are not missed
         self.serial = 0
-        self.sent = {"timed": 0, "added": 0, "query": 0, "confirmed": 0, "given_up": 0}
+        self.sent = {"timed": 0, "added": 0, "query": 0, "confirmed": 0, "given_up": 0, "dropped": 0}
+        self.outbox: deque[tuple[int, int, bytes]] = deque()  # (function, serial, frame), oldest first
+        self._queued = asyncio.Event()
         self._confirms: dict[tuple[int, int], asyncio.Future[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
-        self._pending_adds: dict[int, None] = {}  # elements whose alarm has not been reported yet
 
     # ---------------------------------------------------------- reports
 
@@ -181,9 +188,19 @@ class SL651Uplink:
             safe = tuple((i, t, None if _too_big(i, v) else v) for i, t, v in values)
             return sl651.encode_report(sl651.Report(serial, report.sent, report.station, report.station_class, observed, safe))
 
-    async def _send_confirmed(self, function: int, first: int | None = None) -> bool:
+    def _queue(self, function: int, first: int | None = None) -> None:
+        """A report made now, with the values of now, to be sent when the centre can take it."""
         serial = self._next_serial()
-        frame = self._frame(function, self._report_body(serial, first))
+        if len(self.outbox) >= self.config.backlog:
+            dropped = self.outbox.popleft()
+            self.sent["dropped"] += 1
+            log.warning("%s: %d reports wait for the centre; the oldest (%s serial %d) is dropped", self.config.name,
+                        len(self.outbox) + 1, sl651.FUNCTION_NAMES[dropped[0]], dropped[1])
+        self.outbox.append((function, serial, self._frame(function, self._report_body(serial, first))))
+        self.sent["timed" if function == sl651.F_TIMED else "added"] += 1
+        self._queued.set()
+
+    async def _send_confirmed(self, function: int, serial: int, frame: bytes) -> bool:
         for attempt in range(1 + self.config.resends):
             if self._writer is None:
                 return False
@@ -201,29 +218,72 @@ class SL651Uplink:
             finally:
                 self._confirms.pop((function, serial), None)
         self.sent["given_up"] += 1
-        log.warning("%s: %s serial %d not confirmed after %d sends; going on", self.config.name,
+        log.warning("%s: %s serial %d not confirmed after %d sends; reconnecting, it stays first in line", self.config.name,
                     sl651.FUNCTION_NAMES[function], serial, 1 + self.config.resends)
         return False
+
+    # ---------------------------------------------------------- making reports, link or no link
+
+    async def _produce(self, stop: asyncio.Event) -> None:
+        clock = self.ctx.clock
+        step = int(self.config.timed_interval_s * 1000)
+        next_timed = (clock.time_ms() // step + 1) * step
+        while not stop.is_set():
+            event = asyncio.ensure_future(self.events.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({event, stopper}, timeout=max(0.0, (next_timed - clock.time_ms()) / 1000),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if event in done:
+                first = self._trigger(event.result())
+                if first is not None:
+                    self._queue(sl651.F_ADDED, first)
+            else:
+                event.cancel()
+            if clock.time_ms() >= next_timed:
+                next_timed += step * max(1, (clock.time_ms() - next_timed) // step + 1)  # a late wake-up skips, not floods
+                self._queue(sl651.F_TIMED)
+
+    def _trigger(self, event: Any) -> int | None:
+        """An alarm event: a reported point's alarm rising to add_level or more makes an added report (33H)
+        with that element first."""
+        if event.kind not in ("raised", "escalated") or event.new_level < self.config.add_level:
+            return None
+        for ident, point in self.points:
+            if point in event.values or event.rule in self.ctx.rules_on_point(point):
+                return ident
+        return None
 
     # ---------------------------------------------------------- the link
 
     async def run(self, stop: asyncio.Event) -> None:
+        producer = asyncio.ensure_future(self._produce(stop))
+        try:
+            await self._link(stop)
+        finally:
+            producer.cancel()
+            if self.outbox:
+                log.warning("%s: stopping with %d reports not confirmed by the centre (they are lost)", self.config.name,
+                            len(self.outbox))
+
+    async def _link(self, stop: asyncio.Event) -> None:
         delay = 1.0
         while not stop.is_set():
             host, port = self.config.centre
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
             except (OSError, TimeoutError) as exc:
-                log.info("%s: centre %s:%d unreachable (%s); retrying in %.0f s", self.config.name, host, port, exc, delay)
+                log.info("%s: centre %s:%d unreachable (%s); retrying in %.0f s; %d reports waiting", self.config.name, host,
+                         port, exc, delay, len(self.outbox))
                 await _sleep_or_stop(stop, delay)
                 delay = min(delay * 2, 60.0)
                 continue
-            delay = 1.0
             self._writer = writer
             log.info("%s: connected to centre %s:%d", self.config.name, host, port)
             listener = asyncio.ensure_future(self._listen(reader))
             try:
-                await self._serve(stop, listener)
+                if await self._serve(stop, listener):
+                    delay = 1.0
             except (ConnectionError, OSError) as exc:
                 log.warning("%s: centre link lost: %s", self.config.name, exc)
             finally:
@@ -231,45 +291,37 @@ class SL651Uplink:
                 listener.cancel()
                 with contextlib.suppress(Exception):
                     writer.close()
+            if not stop.is_set():
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, 60.0)
 
-    async def _serve(self, stop: asyncio.Event, listener: asyncio.Future[None]) -> None:
+    async def _serve(self, stop: asyncio.Event, listener: asyncio.Future[None]) -> bool:
+        """Send the outbox, oldest first, and keep the link alive; False when the centre stopped confirming."""
         clock = self.ctx.clock
-        interval = self.config.timed_interval_s
-        next_timed = (clock.time_ms() // int(interval * 1000) + 1) * int(interval * 1000)
         next_beat = clock.monotonic() + self.config.keepalive_s if self.config.keepalive_s else None
+        confirmed_any = False
         while not stop.is_set() and not listener.done():
-            for ident in list(self._pending_adds):
-                del self._pending_adds[ident]
-                if await self._send_confirmed(sl651.F_ADDED, first=ident):
-                    self.sent["added"] += 1
-            waits = [max(0.0, (next_timed - clock.time_ms()) / 1000)]
+            while self.outbox and self._writer is not None:
+                function, serial, frame = self.outbox[0]
+                if not await self._send_confirmed(function, serial, frame):
+                    return confirmed_any
+                confirmed_any = True
+                if self.outbox and self.outbox[0][1] == serial:
+                    self.outbox.popleft()
+            self._queued.clear()
+            waits = [3600.0]
             if next_beat is not None:
                 waits.append(max(0.0, next_beat - clock.monotonic()))
-            event = asyncio.ensure_future(self.events.get())
+            queued = asyncio.ensure_future(self._queued.wait())
             stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({event, stopper, listener}, timeout=min(waits), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({queued, stopper, listener}, timeout=min(waits), return_when=asyncio.FIRST_COMPLETED)
+            queued.cancel()
             stopper.cancel()
-            if event in done:
-                self._consider(event.result())
-            else:
-                event.cancel()
-            if clock.time_ms() >= next_timed:
-                next_timed += int(interval * 1000)
-                if await self._send_confirmed(sl651.F_TIMED):
-                    self.sent["timed"] += 1
             if next_beat is not None and clock.monotonic() >= next_beat and self._writer is not None:
                 self._writer.write(self._frame(sl651.F_KEEPALIVE, sl651.encode_short_body(max(self.serial, 1), self._now())))
                 await self._writer.drain()
                 next_beat = clock.monotonic() + self.config.keepalive_s
-
-    def _consider(self, event: Any) -> None:
-        """An alarm event: a reported point's alarm rising to add_level or more is an added report (33H)."""
-        if event.kind not in ("raised", "escalated") or event.new_level < self.config.add_level:
-            return
-        for ident, point in self.points:
-            if point in event.values or event.rule in self.ctx.rules_on_point(point):
-                self._pending_adds[ident] = None
-                return
+        return True
 
     async def _listen(self, reader: asyncio.StreamReader) -> None:
         deframer = sl651.Deframer()
