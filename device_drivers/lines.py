@@ -139,11 +139,11 @@ def parse_value(text: str, typ: str, scale: Decimal = Decimal(1), offset: Decima
             return False
         raise LineError(Quality.DECODE, f"{t[:20]!r} is not a yes/no value")
     if typ == "int":
-        if not re.fullmatch(r"[+-]?\d{1,19}", t):
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", t):
             raise LineError(Quality.DECODE, f"{t[:20]!r} is not an integer")
         value: Value = int(t)
     else:
-        if not re.fullmatch(r"[+-]?(\d{1,18}(\.\d{0,12})?|\.\d{1,12})([eE][+-]?\d{1,3})?", t):
+        if not re.fullmatch(r"[+-]?([0-9]{1,18}(\.[0-9]{0,12})?|\.[0-9]{1,12})([eE][+-]?[0-9]{1,3})?", t):
             raise LineError(Quality.DECODE, f"{t[:20]!r} is not a number")
         try:
             value = Decimal(t)

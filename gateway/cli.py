@@ -49,6 +49,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{len(cfg.devices)} devices, {len(cfg.catalogue)} points in {requests} requests per poll round, "
             f"{len(cfg.rules)} alarm rules, {len(cfg.actions)} actions; "
             f"uplink {cfg.uplink.host}:{cfg.uplink.port} ({'TLS' if cfg.uplink.tls else 'no TLS'}, MQTT {cfg.uplink.protocol})"
+            + "".join(f"; {u.kind} uplink {u.name!r}" for u in cfg.uplinks)
         )
     return status
 

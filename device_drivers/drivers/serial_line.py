@@ -222,6 +222,10 @@ def check(buses: Sequence[Any], devices: Sequence[tuple[int, Any]], errors: list
 # ---------------------------------------------------------------------------------------------- runtime
 
 
+def requests_per_poll(device: Device) -> int:
+    return 1 if device.spec.mode == "poll" else 0  # a streaming instrument is never asked
+
+
 def _values(device: Device, fields: dict[str | int, str]) -> list[Result]:
     spec: LineDevice = device.spec
     if spec.valid is not None:
