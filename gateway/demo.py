@@ -2,6 +2,8 @@
 
 - a Modbus TCP device (a dam-monitoring PLC: piezometers and a gas detector) on loopback,
 - an RS-485 bus on a pair of pseudo-terminals made here (radar level, rain gauge, crack meter),
+- an ultrasonic anemometer streaming NMEA sentences on another pseudo-terminal (the serial_line driver),
+- an SL 651 rain station upstream that dials in over TCP with its timed reports (the gateway as centre),
 - a broker: mosquitto when it is installed, else amqtt (pure Python) inside this process,
 - the gateway itself, and the reference consumer printing every reading it decodes.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import shutil
 import socket
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 
 import aiomqtt
@@ -28,6 +32,7 @@ from .config import Config, parse
 from .consumer import Decoder, load_schema
 from .sim.devices import SimServer, SimSlave, site_value
 from .sim.ptybridge import PtyBridge
+from .sim.stations import SimAnemometer, SimHydroStation
 
 log = logging.getLogger("yujing.demo")
 
@@ -61,6 +66,48 @@ name = "plc"
 type = "tcp"
 host = "127.0.0.1"
 port = {modbus_port}
+
+[[buses]]
+name = "wind-line"
+type = "serial_line"
+port = "{wind_tty}"
+baudrate = 4800
+
+[[buses]]
+name = "hydro"
+type = "sl651"
+listen = "127.0.0.1:{sl651_port}"
+centre = 1
+
+[[devices]]
+name = "wind"             # an ultrasonic anemometer: $IIMWV,<direction>,R,<speed>,M,A*hh
+bus = "wind-line"
+mode = "stream"
+interval_s = 1
+start = "$"
+checksum = "nmea"
+separator = ","
+valid = {{ field = 5, equals = "A" }}
+  [[devices.points]]
+  name = "direction"
+  field = 1
+  unit = "deg"
+  [[devices.points]]
+  name = "speed"
+  field = 3
+  unit = "m/s"
+
+[[devices]]
+name = "upstream"         # an SL 651 rain station up the valley, reporting every few seconds in the demo
+bus = "hydro"
+station = "0053010002"
+interval_s = 3
+  [[devices.points]]
+  name = "rain_today"
+  element = "PJ"
+  [[devices.points]]
+  name = "battery"
+  element = "VT"
 
 [[devices]]
 name = "radar"
@@ -210,6 +257,8 @@ async def _animate(cfg: Config, servers: dict[str, SimServer], stop: asyncio.Eve
     while not stop.is_set():
         t = time.monotonic() - t0
         for d in cfg.devices:
+            if d.bus not in servers:
+                continue  # not Modbus: the instrument simulates itself
             written: set[tuple[str, int]] = set()
             for p in d.points:
                 if (p.table.value, p.address) in written:
@@ -239,15 +288,22 @@ async def run_demo(*, duration: float | None, workdir: str | None, broker: str =
             bridge = PtyBridge()
             bridge.start()
             modbus_port = free_port()
-            text = SITE.format(broker_port=broker_port, protocol=protocol, workdir=wd, tty=bridge.gateway_port, modbus_port=modbus_port)
+            wind = SimAnemometer(lambda t: (200 + 40 * math.sin(t / 7), 3.0 + 2.5 * abs(math.sin(t / 5))))
+            sl651_port = free_port()
+            station = SimHydroStation(("127.0.0.1", sl651_port), station="0053010002", interval_s=3.0,
+                                      elements=lambda t: {0x20: Decimal(round(12.5 + t / 10, 1)), 0x38: Decimal("12.68")})
+            text = SITE.format(broker_port=broker_port, protocol=protocol, workdir=wd, tty=bridge.gateway_port, modbus_port=modbus_port,
+                               wind_tty=wind.path, sl651_port=sl651_port)
             (wd / "site.toml").write_text(text)
             cfg = parse(text, str(wd / "site.toml"), base=wd)
             rtu = SimServer([SimSlave(1), SimSlave(2), SimSlave(3)], serial={"port": bridge.device_port, "baudrate": 9600})
             tcp = SimServer([SimSlave(1)], tcp=("127.0.0.1", modbus_port))
             await rtu.start()
             await tcp.start()
+            wind.start()
+            station.start()
             print(f"yujing demo: broker {broker_name} on 127.0.0.1:{broker_port}; RS-485 bus on {bridge.gateway_port}; "
-                  f"Modbus TCP on 127.0.0.1:{modbus_port}; config {wd / 'site.toml'}", file=sys.stderr, flush=True)
+                  f"Modbus TCP on 127.0.0.1:{modbus_port}; anemometer on {wind.path}; SL 651 centre on 127.0.0.1:{sl651_port}; config {wd / 'site.toml'}", file=sys.stderr, flush=True)
             print(f"yujing demo: try `yujing consume --broker 127.0.0.1:{broker_port} --protocol {protocol}` in another terminal"
                   + (f"; stopping after {duration:g}s" if duration else "; Ctrl-C stops"), file=sys.stderr, flush=True)
             stop = asyncio.Event()
@@ -293,6 +349,8 @@ async def run_demo(*, duration: float | None, workdir: str | None, broker: str =
                 await rtu.stop()
                 await tcp.stop()
                 bridge.close()
+                wind.close()
+                station.close()
             print(f"yujing demo: done — {gateway.readings} readings polled, {counts['readings']} readings and "
                   f"{counts['alarms']} alarm events decoded by the consumer, session {gateway.session}", file=sys.stderr, flush=True)
     return 0

@@ -21,6 +21,9 @@ def test_demo_runs_a_whole_site_and_stops_by_itself(broker: str, tmp_path) -> No
     assert any(re.search(r"radar\.level\s+195\d\.\d+ m", line) for line in lines), lines[:10]
     assert any("dam-plc.piezo_p1" in line for line in lines)
     assert any("rain.total" in line for line in lines)
+    # the non-Modbus drivers: NMEA lines from the anemometer's pty, SL 651 reports pushed over TCP
+    assert any(re.search(r"wind\.speed\s+\d+\.\d m/s", line) for line in lines), lines[:20]
+    assert any(re.search(r"upstream\.rain_today\s+1\d\.\d mm", line) for line in lines), lines[:20]
     m = re.search(r"done — (\d+) readings polled, (\d+) readings and (\d+) alarm events decoded", proc.stderr)
     assert m, proc.stderr[-2000:]
     polled, decoded = int(m.group(1)), int(m.group(2))
