@@ -17,7 +17,7 @@ from .test_rules_support import MIN, SEC, T0, Site, brief, local_ms
 
 RULES_DIR = Path(__file__).resolve().parents[1] / "gateway" / "rules"
 
-# KM-RES-01 (domain-standards §7.1) as a site would write it.
+# KM-RES-01 (docs/domain.md §7.1) as a site would write it.
 KM_RES_01 = """
 [[rules]]
 kind = "threshold"

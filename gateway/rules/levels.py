@@ -1,6 +1,6 @@
 """Warning levels, transitions and alarm state: the values the rule engine hands to the rest of the gateway.
 
-Levels follow China's four-level warning colours (domain-standards §3): I red is the highest, IV blue the
+Levels follow China's four-level warning colours (docs/domain.md §3): I red is the highest, IV blue the
 lowest. A gateway level is a *site alarm*, not an official public warning. A sensor fault is not a level: it
 is a separate flag on a rule, and never reads as NONE.
 """
