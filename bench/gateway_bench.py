@@ -139,7 +139,9 @@ class Counter:
                     self.data_bytes += len(payload)
 
 
-async def run_gateway_scenario(workdir: Path, broker_port: int, points: int, interval: float, warmup: float, seconds: float) -> dict[str, float]:
+async def run_gateway_scenario(workdir: Path, broker_port: int, points: int, interval: float, warmup: float, seconds: float,
+                               root: Path = ROOT) -> dict[str, float]:
+    """`root` is the checkout whose gateway runs (bench/driver_seam.py compares two)."""
     modbus_port = free_port()
     sim = subprocess.Popen([sys.executable, "-c", SIM, str(modbus_port), str(points)], cwd=ROOT)
     spool = workdir / f"spool-{points}-{interval}.db"
@@ -150,7 +152,7 @@ async def run_gateway_scenario(workdir: Path, broker_port: int, points: int, int
     await counter.ready.wait()
     try:
         wait_port(modbus_port)
-        gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(site)], cwd=ROOT,
+        gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(site)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             await asyncio.sleep(warmup)

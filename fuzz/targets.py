@@ -9,19 +9,23 @@ documented). A target returns a Report; fuzz/run.py runs each in a process of it
     config              gateway.config.ConfigError
     modbus.tcp          DeviceError, TransportError (reply frames from a server that lies)
     modbus.rtu          DeviceError, TransportError (garbage around and instead of replies on a pty)
+    serial_line         LineError (a stream cut anywhere: the framer, the NMEA frame, fields, values)
+    sl651.centre        none: the centre driver turns any byte stream into readings, confirms or refusals
+    sl651.station       none: the station uplink's listener, fed by a lying centre
     node.mqtt           MQTTError (under real MicroPython: fuzz/node_mqtt.py)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import resource
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +246,313 @@ def config_target(n: int, seed: int) -> Report:
     return _pure("config", n, seed, make, lambda text: parse(text, "fuzz.toml", base=base), (ConfigError,))
 
 
+# ---------------------------------------------------------------------------------------------- line protocols
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Refusal logs are rate-limited in the gateway; a fuzz run still need not print them."""
+    import logging
+
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
+def _fuzz_site(body: str) -> Any:
+    from gateway.config import parse
+
+    text = f"""
+[site]
+id = "FUZZ-01"
+gateway = "gw1"
+[uplink]
+host = "127.0.0.1"
+tls = false
+[spool]
+path = "/nonexistent/spool.db"
+{body}
+"""
+    return parse(text, "fuzz.toml", base=ROOT)
+
+
+def _chunks(rng: random.Random, data: bytes) -> list[bytes]:
+    """The same bytes as a serial port or a socket may hand them over: in pieces of any size."""
+    out, i = [], 0
+    while i < len(data):
+        n = rng.choice((1, 2, 7, 64, 4096))
+        out.append(data[i : i + n])
+        i += n
+    return out
+
+
+SERIAL_LINE_SITE = r"""
+[[buses]]
+name = "wind"
+type = "serial_line"
+port = "/dev/ttyFUZZ0"
+[[devices]]
+name = "wind"
+bus = "wind"
+interval_s = 1
+mode = "stream"
+start = "$"
+checksum = "nmea"
+separator = ","
+valid = { field = 5, equals = "A" }
+  [[devices.points]]
+  name = "direction"
+  field = 1
+  min = 0
+  max = 360
+  [[devices.points]]
+  name = "speed"
+  field = 3
+[[buses]]
+name = "laser"
+type = "serial_line"
+port = "/dev/ttyFUZZ1"
+[[devices]]
+name = "laser"
+bus = "laser"
+interval_s = 1
+mode = "poll"
+command = "D\r\n"
+pattern = '(?P<dist>[-+0-9.]+) ?m(, ?(?P<q>[0-9]+))?'
+  [[devices.points]]
+  name = "distance"
+  group = "dist"
+  scale = 1000
+  unit = "mm"
+  [[devices.points]]
+  name = "quality"
+  group = "q"
+  type = "int"
+"""
+
+SL651_CENTRE_SITE = """
+[[buses]]
+name = "hydro"
+type = "sl651"
+listen = "127.0.0.1:5005"
+centre = 1
+[[devices]]
+name = "rtu"
+bus = "hydro"
+station = "0053010001"
+interval_s = 3600
+  [[devices.points]]
+  name = "ZU"
+  element = "ZU"
+  [[devices.points]]
+  name = "PJ"
+  element = "PJ"
+  [[devices.points]]
+  name = "alarm"
+  element = "ZT"
+  bit = 2
+"""
+
+
+def serial_line_target(n: int, seed: int) -> Report:
+    from device_drivers.drivers.serial_line import _values
+    from device_drivers.lines import LineError, LineFramer, nmea_checksum
+    from device_drivers.model import Quality
+    from gateway.sim.stations import mwv_sentence
+
+    cfg = _fuzz_site(SERIAL_LINE_SITE)
+    devices = list(cfg.devices)
+    good = [mwv_sentence(d, s) for d, s in ((0, 0), (359.9, 60.1), (45, 8.7))]
+    body = "IIMWV,045.0,R,-0000000000000008.7,M,V"
+    good += [f"${body}*{nmea_checksum(body)}\r\n".encode(), b"12.345 m, 0099\r\n", b"-0.001m\r\n", b"1e999 m\r\n"]
+
+    def make(rng: random.Random) -> tuple[int, list[bytes]]:
+        from fuzz.generate import mutate
+
+        stream = b"".join(mutate(rng, rng.choice(good), good) if rng.random() < 0.7 else rng.choice(good) for _ in range(rng.randint(1, 6)))
+        if rng.random() < 0.2:
+            stream = rng.randbytes(rng.randint(0, 600)) + stream  # a wrong baud rate, noise
+        return rng.randrange(len(devices)), _chunks(rng, stream)
+
+    def call(item: tuple[int, list[bytes]]) -> None:
+        device = devices[item[0]]
+        framer = LineFramer(device.spec.terminator, device.spec.max_line)
+        for chunk in item[1]:
+            for line in framer.feed(chunk):
+                if isinstance(line, bytes):
+                    try:
+                        results = _values(device, device.spec.format.fields(line))
+                    except LineError:
+                        continue
+                    for value, quality in results:
+                        if quality == Quality.GOOD and value is not None and not isinstance(value, (bool, int)) and not value.is_finite():
+                            raise AssertionError(f"a good reading of {value}")
+            if framer.pending > device.spec.max_line + len(device.spec.terminator):
+                raise AssertionError(f"{framer.pending} bytes held")
+
+    with _quiet():
+        return _pure("serial_line", n, seed, make, call, ())
+
+
+def _sl651_inputs(station: str) -> tuple[list[bytes], Callable[[random.Random], bytes]]:
+    from device_drivers import sl651
+    from fuzz.generate import mutate
+
+    vectors = [bytes.fromhex(h) for h in (
+        "7E7E010053010001123432002B020001250715080000F1F100530100014BF0F02507150800201900012526190035603B23019523843812126803FA37",
+        "7E7E0100530100011234330027020002250715081512F1F100530100014BF0F025071508153B230195412045200000000438121261036054",
+        "7E7E010010100001A00032002B02000C200724172349F1F1001010000148F0F020072417232019000130221900004039230000055038121268038397",
+    )]
+    frames = [sl651.decode_frame(v) for v in vectors]
+    packets = [sl651.encode_frame(p) for f in frames[:2] for p in sl651.split_packets(f, 9)]
+    corpus = vectors + packets
+
+    def reframed(rng: random.Random) -> bytes:
+        """A valid frame around a mutated body (the CRC made right): the body parser's turn."""
+        f = rng.choice(frames)
+        body = mutate(rng, f.body, [x.body for x in frames])[: sl651.MAX_BODY]
+        function = f.function if rng.random() < 0.8 else rng.choice((0x2F, 0x30, 0x31, 0x33, 0x34, 0x37, 0x3A, 0xE0, 0xFF))
+        return sl651.encode_frame(sl651.Frame(f.up, f.centre, station if rng.random() < 0.9 else f.station, f.password, function, body, f.end))
+
+    def make(rng: random.Random) -> bytes:
+        r = rng.random()
+        if r < 0.4:
+            return b"".join(reframed(rng) for _ in range(rng.randint(1, 3)))
+        if r < 0.8:
+            return b"".join(mutate(rng, rng.choice(corpus), corpus) for _ in range(rng.randint(1, 4)))
+        if r < 0.9:
+            return rng.randbytes(rng.randint(0, 64)) + b"\x7e\x7e" * rng.randint(1, 200) + rng.randbytes(rng.randint(0, 64))
+        return rng.randbytes(rng.randint(0, 5000))
+
+    return corpus, make
+
+
+def sl651_centre_target(n: int, seed: int) -> Report:
+    from device_drivers import sl651
+    from device_drivers.drivers.sl651 import SL651Driver
+
+    cfg = _fuzz_site(SL651_CENTRE_SITE)
+    driver = SL651Driver(cfg.buses[0], cfg.devices)
+    _, make_bytes = _sl651_inputs("0053010001")
+    delivered: list[int] = []
+
+    class Link:
+        async def transaction(self, op):  # type: ignore[no-untyped-def]
+            return await op()
+
+        async def pause(self, seconds: float) -> None:
+            return None
+
+        def now_ms(self) -> int:
+            return T0
+
+    link = Link()
+
+    def deliver(name: str, readings: list[Any]) -> None:
+        delivered.append(len(readings))
+
+    async def feed(chunks: list[bytes]) -> None:
+        deframer = sl651.Deframer()
+        for chunk in chunks:
+            for frame in deframer.feed(chunk):
+                reply = driver._frame(frame, deliver, link)
+                if reply is not None:
+                    sl651.decode_frame(reply)  # a confirm the station can read
+            if len(deframer._buf) > deframer.max_frame + 14:
+                raise AssertionError(f"{len(deframer._buf)} bytes held")
+
+    loop = asyncio.new_event_loop()
+
+    def make(rng: random.Random) -> list[bytes]:
+        return _chunks(rng, make_bytes(rng))
+
+    try:
+        with _quiet():
+            return _pure("sl651.centre", n, seed, make, lambda chunks: loop.run_until_complete(feed(chunks)), ())
+    finally:
+        loop.close()
+
+
+def sl651_station_target(n: int, seed: int) -> Report:
+    """The station uplink's listener reading what a (lying) centre sends: confirms, queries, anything."""
+    from device_drivers import sl651
+    from gateway.uplink.sl651 import Config, SL651Uplink
+
+    config = Config.from_dict({
+        "kind": "sl651", "name": "authority", "centre": "127.0.0.1:5005", "centre_address": 1, "station": "0053010001",
+        "password": "1234", "station_class": "K", "elements": [{"element": "ZU", "point": "radar.level"}],
+    }, "uplinks[0]")
+
+    class Clock:
+        def time_ms(self) -> int:
+            return T0
+
+        def monotonic(self) -> float:
+            return 0.0
+
+    class Latest:
+        def get(self, point: int) -> Any:
+            return None
+
+    class Context:
+        clock, latest = Clock(), Latest()
+
+        def resolve(self, name: str) -> int:
+            return 0
+
+        def subscribe(self) -> Any:
+            return asyncio.Queue()
+
+        def rules_on_point(self, point: int) -> tuple[str, ...]:
+            return ()
+
+    uplink = SL651Uplink(config, Context())  # type: ignore[arg-type]
+
+    class Writer:
+        written = 0
+
+        def write(self, data: bytes) -> None:
+            self.written += len(data)
+            sl651.decode_frame(data)
+
+        async def drain(self) -> None:
+            return None
+
+    _, make_bytes = _sl651_inputs("0053010001")
+
+    def downlink(rng: random.Random) -> bytes:
+        data = make_bytes(rng)
+        if rng.random() < 0.5:  # the centre's own frames: confirms and queries for this station
+            f = sl651.Frame(False, 1, "0053010001", 0x1234, rng.choice((0x32, 0x33, 0x37, 0x2F, 0x3A)),
+                            mutate_bytes(rng, sl651.encode_short_body(rng.randint(0, 70000) % 65536, (25, 7, 15, 8, 0, 0))), sl651.EOT)
+            data = sl651.encode_frame(f) + data
+        return data
+
+    def mutate_bytes(rng: random.Random, b: bytes) -> bytes:
+        from fuzz.generate import mutate
+
+        return mutate(rng, b) if rng.random() < 0.5 else b
+
+    async def feed(chunks: list[bytes]) -> None:
+        reader = asyncio.StreamReader()
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        uplink._writer = Writer()  # type: ignore[assignment]
+        await uplink._listen(reader)
+
+    loop = asyncio.new_event_loop()
+    try:
+        with _quiet():
+            return _pure("sl651.station", n, seed, lambda rng: _chunks(rng, downlink(rng)),
+                         lambda chunks: loop.run_until_complete(feed(chunks)), ())
+    finally:
+        loop.close()
+
+
 # ---------------------------------------------------------------------------------------------- transports
 
 
@@ -448,6 +759,9 @@ TARGETS: dict[str, Callable[[int, int], Report]] = {
     "modbus.tcp": modbus_tcp_target,
     "modbus.rtu": modbus_rtu_target,
     "node.mqtt": node_mqtt_target,
+    "serial_line": serial_line_target,
+    "sl651.centre": sl651_centre_target,
+    "sl651.station": sl651_station_target,
 }
 
 if __name__ == "__main__":  # a child of fuzz/run.py: one target, the report as JSON on stdout
