@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import venv
@@ -47,7 +48,11 @@ def test_the_platform_decoder_needs_only_cbor2(tmp_path: Path) -> None:
     venv.create(env, with_pip=True)
     pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "cbor2>=6.2,<7"], check=True, timeout=300)
-    subprocess.run([*pip, "--no-deps", str(ROOT)], check=True, timeout=300, cwd=tmp_path)
+    # From a copy of the sources: building in place would leave build/ in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "node_modules", "__pycache__", "*.egg-info",
+                                                                  ".pytest_cache"))
+    subprocess.run([*pip, "--no-deps", str(source)], check=True, timeout=300, cwd=tmp_path)
     done = subprocess.run([str(env / "bin" / "python"), "-c", PLATFORM], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "imported: []" in done.stdout
