@@ -256,3 +256,96 @@ pattern = 'no groups here'
     lines = "\n".join(info.value.lines())
     assert "devices[0].command: poll mode sends a command" in lines
     assert "devices[0].pattern: needs named groups" in lines
+
+
+def test_framing_fields_and_ranges_that_could_never_work_are_refused() -> None:
+    """Each of these passed the check once and failed only at the site (or, for non-Latin text, crashed it)."""
+    from gateway.config import parse
+
+    text = """
+[site]
+id = "S"
+gateway = "g"
+[uplink]
+host = "127.0.0.1"
+tls = false
+[[buses]]
+name = "laser"
+type = "serial_line"
+port = "/dev/ttyX0"
+[[devices]]
+name = "ldm"
+bus = "laser"
+interval_s = 1
+mode = "poll"
+command = "测\\r\\n"
+start = "¥"
+pattern = '(?P<dist>[0-9.]+) m'
+valid = { field = 3, equals = "A" }
+  [[devices.points]]
+  name = "distance"
+  group = "dist"
+  field = 1
+  min = 10
+  max = 1
+[[devices]]
+name = "ldm2"
+bus = "laser"
+interval_s = 1
+mode = "poll"
+command = "D\\r\\n"
+terminator = "\\r"
+separator = ","
+  [[devices.points]]
+  name = "distance"
+  field = 0
+  group = "dist"
+"""
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml")
+    lines = "\n".join(info.value.lines())
+    assert "devices[0].command: invalid value '测\\r\\n': ASCII text to send" in lines
+    assert "devices[0].start: invalid value '¥'" in lines
+    assert "devices[0].valid.field: with a pattern, the status field is one of its groups (dist)" in lines
+    assert "devices[0].points[0].field: with a pattern, a point takes a group" in lines
+    assert "devices[0].points[0].min: min 10 is above max 1" in lines
+    assert "devices[1].points[0].group: a group is for a pattern" in lines
+
+
+def test_devices_on_one_bus_share_its_line_framing() -> None:
+    from gateway.config import parse
+
+    text = """
+[site]
+id = "S"
+gateway = "g"
+[uplink]
+host = "127.0.0.1"
+tls = false
+[[buses]]
+name = "line"
+type = "serial_line"
+port = "/dev/ttyX0"
+[[devices]]
+name = "a"
+bus = "line"
+interval_s = 1
+mode = "poll"
+command = "A\\r\\n"
+  [[devices.points]]
+  name = "v"
+  field = 0
+[[devices]]
+name = "b"
+bus = "line"
+interval_s = 1
+mode = "poll"
+command = "B\\r\\n"
+terminator = "\\r"
+  [[devices.points]]
+  name = "v"
+  field = 0
+"""
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml")
+    assert "devices[1].terminator: devices on bus 'line' share one line framing" in "\n".join(info.value.lines())

@@ -116,6 +116,15 @@ def _escapes(text: str) -> str:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+def _ascii(text: str) -> bool:
+    """The line's framing is bytes of ASCII: a start, terminator or command outside it could never match."""
+    try:
+        _escapes(text).encode("ascii")
+    except (UnicodeError, ValueError):
+        return False
+    return True
+
+
 def parse_bus(r: Reader, kind: str) -> LineSettings | None:
     port = r.get("port", str)
     baud = r.get("baudrate", int, 9600, check=lambda v: v in (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200), hint="a standard rate (1200..115200)")
@@ -127,10 +136,11 @@ def parse_bus(r: Reader, kind: str) -> LineSettings | None:
 
 
 def parse_device(r: Reader, bus: Any) -> tuple[LineDevice, tuple[LinePoint, ...]] | None:
+    problems_before = len(r.errors)
     mode = r.get("mode", str, "stream", check=lambda v: v in ("stream", "poll"), hint='"stream" or "poll"')
-    command = r.get("command", str, None, check=bool, hint="the text to send, e.g. \"D\\r\\n\"")
-    terminator = r.get("terminator", str, "\r\n", check=bool, hint='e.g. "\\r\\n", "\\n" or "\\u0003"')
-    start = r.get("start", str, "")
+    command = r.get("command", str, None, check=lambda v: bool(v) and _ascii(v), hint="ASCII text to send, e.g. \"D\\r\\n\"")
+    terminator = r.get("terminator", str, "\r\n", check=lambda v: bool(v) and _ascii(v), hint='ASCII, e.g. "\\r\\n", "\\n" or "\\u0003"')
+    start = r.get("start", str, "", check=_ascii, hint='an ASCII character, e.g. "$"')
     checksum = r.get("checksum", str, "none", check=lambda v: v in ("none", "nmea"), hint='"none" or "nmea"')
     separator = r.get("separator", str, None, check=bool, hint="e.g. \",\"")
     pattern_text = r.get("pattern", str, None)
@@ -161,6 +171,12 @@ def parse_device(r: Reader, bus: Any) -> tuple[LineDevice, tuple[LinePoint, ...]
         vr.finish()
         if vfield is not None and equals is not None:
             valid = (vfield, equals)
+            if pattern is not None and (not isinstance(vfield, str) or vfield not in pattern.groupindex):
+                vr.error("field", f"with a pattern, the status field is one of its groups ({', '.join(pattern.groupindex)})")
+                valid = None
+            elif pattern is None and pattern_text is None and not (isinstance(vfield, int) and 0 <= vfield <= 255):
+                vr.error("field", "with a separator, the status field is an index, 0..255")
+                valid = None
     points = []
     if not isinstance(raw_points, list) or not raw_points:
         r.error("points", "a device needs at least one [[devices.points]]")
@@ -179,14 +195,20 @@ def parse_device(r: Reader, bus: Any) -> tuple[LineDevice, tuple[LinePoint, ...]
         vmin = pr.get("min", NUMBER, None)
         vmax = pr.get("max", NUMBER, None)
         pr.finish()
+        if vmin is not None and vmax is not None and vmin > vmax:
+            pr.error("min", f"min {vmin} is above max {vmax}")
         key: str | int | None = None
         if pattern is not None or pattern_text is not None:
+            if field_index is not None:
+                pr.error("field", "with a pattern, a point takes a group, not a field index")
             if group is None:
                 pr.error("group", "with a pattern, each point names its group")
             elif pattern is not None and group not in pattern.groupindex:
                 pr.error("group", f"the pattern has no group {group!r} (it has {', '.join(pattern.groupindex)})")
             key = group
         else:
+            if group is not None:
+                pr.error("group", "a group is for a pattern; with a separator, a point takes a field index")
             if field_index is None:
                 pr.error("field", "the index of the field this point reads (0 is the first)")
             key = field_index
@@ -196,7 +218,7 @@ def parse_device(r: Reader, bus: Any) -> tuple[LineDevice, tuple[LinePoint, ...]
     for j, n in enumerate(names):
         if names.index(n) != j:
             r.error(f"points[{j}].name", f"point {n!r} is already defined")
-    if len(points) != len(raw_points) or mode is None or (mode == "poll" and command is None):
+    if len(points) != len(raw_points) or mode is None or (mode == "poll" and command is None) or len(r.errors) > problems_before:
         return None
     fmt = LineFormat(start=_escapes(start or ""), checksum=checksum or "none",
                      separator=None if pattern is not None else (separator or ","), pattern=pattern)
@@ -217,6 +239,11 @@ def check(buses: Sequence[Any], devices: Sequence[tuple[int, Any]], errors: list
         if streams and len(members) > 1:
             i, d = streams[0]
             errors.append(Problem(f"devices[{i}].mode", f"{d.name!r} streams on its own, so bus {bus!r} cannot carry other devices"))
+        first_i, first = members[0]
+        for i, d in members[1:]:  # the bus cuts lines once, for every device on it
+            if (d.spec.terminator, d.spec.max_line) != (first.spec.terminator, first.spec.max_line):
+                errors.append(Problem(f"devices[{i}].terminator", f"devices on bus {bus!r} share one line framing: terminator and "
+                                                                  f"max_line must match {first.name!r} (devices[{first_i}])"))
 
 
 # ---------------------------------------------------------------------------------------------- runtime
