@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         requests = 0
         for d in cfg.devices:
             count = getattr(kinds()[buses[d.bus].kind].module, "requests_per_poll", None)
-            requests += count(d) if count is not None else 1
+            for g in d.poll_groups():  # each group is read on its own
+                part = dataclasses.replace(d, points=tuple(d.points[i] for i in g.points), groups=())
+                requests += count(part) if count is not None else 1
         print(
             f"{path}: OK — site {cfg.site.id}, gateway {cfg.site.gateway}, {len(cfg.buses)} buses, "
             f"{len(cfg.devices)} devices, {len(cfg.catalogue)} points in {requests} requests per poll round, "

@@ -325,11 +325,11 @@ def _regular_file(r: Reader, name: str, path: Path) -> int | None:
 
 
 def _check_secret(r: Reader, name: str, path: Path) -> None:
-    mode = _regular_file(r, name, path)
-    if mode is None:
-        return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        r.error(name, f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    from .storefiles import secret_file_problem
+
+    problem = secret_file_problem(path)
+    if problem is not None:
+        r.error(name, problem)
 
 
 def _spool(r: Reader, base: Path) -> SpoolConfig:
@@ -352,6 +352,7 @@ def _bus(r: Reader, index: int) -> BusConfig | None:
 
 
 def _device(r: Reader, index: int, buses: dict[str, BusConfig]) -> DeviceConfig | None:
+    scheduling = [k for k in ("retries", "backoff_max_s", "alarm_interval_s", "alarm_level", "groups", "season") if k in r.table]
     name = r.get("name", str, check=ID_RE.match, hint=ID_HINT)
     bus_name = r.get("bus", str)
     interval = r.get("interval_s", NUMBER, check=positive, hint="must be more than 0 seconds")
@@ -368,19 +369,36 @@ def _device(r: Reader, index: int, buses: dict[str, BusConfig]) -> DeviceConfig 
             known = ", ".join(sorted(buses)) or "none defined"
             r.error("bus", f"no bus named {bus_name!r} (buses: {known})")
         return None
-    parsed = driver_kinds()[bus.kind].parse_device(r, bus)
+    kind = driver_kinds()[bus.kind]
+    parsed = kind.parse_device(r, bus)
     r.finish()
+    # The scheduling keys are checked whatever the protocol keys said, so one mistake does not hide another.
+    level = _level(r, "alarm_level", alarm_level)
+    season = _season(r, raw_season) if raw_season is not None else None
+    if "alarm_level" in scheduling and alarm_interval is None:
+        r.error("alarm_level", "is the level from which alarm_interval_s applies: give alarm_interval_s too")
+    if interval is not None:
+        if alarm_interval is not None and alarm_interval >= interval:
+            r.error("alarm_interval_s", f"{alarm_interval} s is not shorter than interval_s ({interval} s): an alarm would not poll faster")
+        if season is not None and season.interval_s >= interval:
+            r.error("season.interval_s", f"{season.interval_s:g} s is not shorter than interval_s ({interval} s): the season would not poll faster")
     if parsed is None or None in (name, interval):
         return None
     spec, points = parsed
-    level = _level(r, "alarm_level", alarm_level)
     groups = _groups(r, raw_groups, points) if raw_groups is not None else ()
-    season = _season(r, raw_season) if raw_season is not None else None
-    return DeviceConfig(
+    device = DeviceConfig(
         name=name, bus=bus_name, points=points, spec=spec, interval_s=float(interval), retries=retries,
         offline_after=offline_after, backoff_max_s=float(backoff_max), groups=groups,
         alarm_interval_s=float(alarm_interval) if alarm_interval is not None else None, alarm_level=level, season=season, index=index,
     )
+    count = getattr(kind.module, "requests_per_poll", None)
+    if count is not None and count(device) == 0 and scheduling:
+        # A device that talks by itself (a streaming instrument, a station) is never polled: these keys would
+        # silently do nothing.
+        for key in scheduling:
+            r.error(key, f"{name!r} is never polled (it sends by itself), so {key} has no effect: remove it")
+        return None
+    return device
 
 
 def _level(r: Reader, key: str, text: str | None) -> int:
@@ -437,15 +455,15 @@ def _season(r: Reader, raw: Any) -> Season | None:
         return None
     rest = dict(raw)
     interval = rest.pop("interval_s", None)
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+    good_interval = not isinstance(interval, bool) and isinstance(interval, (int, float)) and interval > 0
+    if not good_interval:
         r.error("season.interval_s", "required: the interval in the season, > 0 seconds")
-        return None
     try:
         window = parse_window(KindTable(rest, r.key("season")))
     except FieldError as exc:
         r.errors.append(Problem(exc.path, exc.reason))
         return None
-    return Season(window, float(interval))
+    return Season(window, float(interval)) if good_interval else None
 
 
 # ---------------------------------------------------------------- whole file
@@ -521,7 +539,7 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
     index = {(p.device, p.name): i for i, p in enumerate(catalogue)}
     rules, declared = _rules(raw_rules, lambda name: _resolve_point(index, catalogue, name), errors)
     actions = _actions(raw_actions, buses, declared, errors)
-    uplinks = _uplinks(raw_uplinks, lambda name: _resolve_point(index, catalogue, name), errors)
+    uplinks = _uplinks(raw_uplinks, lambda name: _resolve_point(index, catalogue, name), base, errors)
     if errors or site is None or uplink is None:
         locator = Locator(text)
         located = [Problem(p.path, p.message, locator.line(p.path)) for p in errors]
@@ -598,8 +616,9 @@ def _actions(raw: list[Any], buses: dict[str, BusConfig], rule_ids: list[str], e
     return tuple(configs) if len(configs) == len(raw) else ()
 
 
-def _uplinks(raw: list[Any], resolve: Any, errors: list[Problem]) -> tuple[Any, ...]:
-    """`[[uplinks]]`: each table by its kind (gateway/uplink/<kind>.py), checked against the site's points."""
+def _uplinks(raw: list[Any], resolve: Any, base: Path, errors: list[Problem]) -> tuple[Any, ...]:
+    """`[[uplinks]]`: each table by its kind (gateway/uplink/<kind>.py), checked against the site's points.
+    A kind whose config names files gets them resolved against the site file's directory (`with_base`)."""
     from .plugins import FieldError, parse_kind_table
     from .uplink.base import kinds
 
@@ -611,9 +630,14 @@ def _uplinks(raw: list[Any], resolve: Any, errors: list[Problem]) -> tuple[Any, 
         except FieldError as exc:
             errors.append(Problem(exc.path or f"uplinks[{i}]", exc.reason))
             continue
+        if not ID_RE.match(c.name):
+            errors.append(Problem(f"uplinks[{i}].name", f"{c.name!r}: {ID_HINT}"))
+            continue
         if c.name in names:
             errors.append(Problem(f"uplinks[{i}].name", f"uplink {c.name!r} is already uplinks[{names[c.name]}]"))
             continue
+        if hasattr(c, "with_base"):
+            c = c.with_base(base)
         names[c.name] = i
         problems = c.check(resolve) if hasattr(c, "check") else []
         errors.extend(Problem(path, message) for path, message in problems)
@@ -634,6 +658,12 @@ def _check_ports(buses: list[BusConfig], errors: list[Problem]) -> None:
         if other is bus:
             continue
         o = other.settings
+        if bus.kind != other.kind:
+            errors.append(Problem(
+                f"buses[{bus.index}].port",
+                f"port {port} is already bus {other.name!r} of type {other.kind!r}; one wire speaks one protocol",
+            ))
+            continue
         differ = [a for a in ("baudrate", "bytesize", "parity", "stopbits") if getattr(s, a, None) != getattr(o, a, None)]
         if differ:
             a = differ[0]

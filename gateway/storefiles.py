@@ -32,6 +32,21 @@ def secure_dir(path: Path) -> str | None:
     return None
 
 
+def secret_file_problem(path: Path) -> str | None:
+    """Why the secret at `path` cannot be used as it is (missing, not a file, readable by others), or None."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a file"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+    return None
+
+
 def read_json(path: Path) -> Any | None:
     """The parsed file, None when it does not exist. Raises ValueError naming the file when it is not
     valid UTF-8 JSON (truncated, zeroed, garbage); OSError when it cannot be read at all."""

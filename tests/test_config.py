@@ -225,3 +225,144 @@ def test_every_problem_in_rules_devices_and_actions_is_reported_together() -> No
     assert any("actions[1].when.rules[0]: no rule id matches 'x.*'" in line for line in lines), lines
     assert not any("actions[0]" in line for line in lines), lines  # 'r.*' matches declared rules, broken or not
     assert len(lines) == 6, lines
+
+
+def test_mistakes_in_the_new_bus_types_scheduling_and_uplinks_are_named(tmp_path: Path) -> None:
+    """Each of these passed `yujing check` once and then did nothing, or failed only at the site."""
+    pin = tmp_path / "sim.pin"
+    pin.write_text("1234\n")
+    os.chmod(pin, 0o644)
+    text = """
+[site]
+id = "S"
+gateway = "g"
+[uplink]
+host = "127.0.0.1"
+tls = false
+
+[[buses]]
+name = "hydro"
+type = "sl651"
+port = "/dev/ttyX9"
+centre = 1
+[[buses]]
+name = "rtu"
+type = "rtu"
+port = "/dev/ttyX9"
+[[buses]]
+name = "plc"
+type = "tcp"
+host = "127.0.0.1"
+
+[[devices]]
+name = "station"
+bus = "hydro"
+station = "0053010001"
+interval_s = 3600
+retries = 2
+  [[devices.points]]
+  name = "z"
+  element = "ZU"
+[[devices]]
+name = "station2"
+bus = "hydro"
+station = "0053010002"
+interval_s = 3600
+  [[devices.points]]
+  name = "z"
+  element = "ZU"
+  [[devices.points]]
+  name = "z"
+  element = "PJ"
+[[devices]]
+name = "pump"
+bus = "plc"
+interval_s = 10
+alarm_interval_s = 20
+season = { start = "06-01", end = "10-31", interval_s = 60, utc_ofset = "+08:00" }
+  [[devices.points]]
+  name = "running"
+  address = 0
+[[devices]]
+name = "valve"
+bus = "plc"
+unit = 2
+interval_s = 10
+alarm_level = "II_ORANGE"
+season = { start = "06-01", end = "10-31", utc_offset = "+08:00", interval_s = 60 }
+  [[devices.points]]
+  name = "open"
+  address = 0
+
+[[actions]]
+kind = "coil"
+name = "siren"
+when = { rules = ["*"] }
+bus = "hydro"
+unit = 1
+address = 0
+
+[[uplinks]]
+kind = "sms"
+name = "duty/#"
+port = "/dev/ttyUSB2"
+recipients = [ { name = "a", number = "+8613800000001" } ]
+[[uplinks]]
+kind = "sms"
+name = "duty"
+port = "/dev/ttyUSB2"
+pin_file = "sim.pin"
+recipients = [ { name = "a", number = "+8613800000001" } ]
+"""
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml", base=tmp_path)
+    lines = "\n".join(info.value.lines())
+    assert "buses[1].port: port /dev/ttyX9 is already bus 'hydro' of type 'sl651'" in lines
+    assert "devices[1].points[1].name: point 'z' is already defined" in lines
+    assert "devices[0].retries: 'station' is never polled (it sends by itself), so retries has no effect" in lines
+    assert "devices[2].alarm_interval_s: 20 s is not shorter than interval_s (10 s)" in lines
+    assert "devices[2].season.utc_offset: missing required key (is 'utc_ofset' a typo for it?)" in lines
+    assert "devices[3].season.interval_s: 60 s is not shorter than interval_s (10 s)" in lines
+    assert "devices[3].alarm_level: is the level from which alarm_interval_s applies" in lines
+    assert "uplinks[0].name: 'duty/#'" in lines
+    assert f"uplinks[1].pin_file: {pin} is readable by others (mode 0644)" in lines  # resolved next to the site file
+    assert len(info.value.problems) >= 9
+
+
+def test_an_output_on_a_bus_that_is_not_modbus_is_refused() -> None:
+    text = """
+[site]
+id = "S"
+gateway = "g"
+[uplink]
+host = "127.0.0.1"
+tls = false
+[[buses]]
+name = "line"
+type = "serial_line"
+port = "/dev/ttyX8"
+[[devices]]
+name = "ldm"
+bus = "line"
+interval_s = 1
+mode = "poll"
+command = "D\\r\\n"
+  [[devices.points]]
+  name = "d"
+  field = 0
+[[rules]]
+kind = "threshold"
+id = "r"
+point = "ldm.d"
+levels = [ { level = "III_YELLOW", set = 1 } ]
+[[actions]]
+kind = "coil"
+name = "siren"
+when = { rules = ["r"], level = "III_YELLOW" }
+bus = "line"
+unit = 1
+address = 0
+"""
+    with pytest.raises(ConfigError) as info:
+        parse(text, "site.toml")
+    assert "bus 'line' is of type 'serial_line': coil and register outputs are written over Modbus" in "\n".join(info.value.lines())

@@ -141,7 +141,11 @@ def parse_device(r: Reader, bus: Any) -> tuple[Station, tuple[ElementPoint, ...]
             continue
         typ = "bool" if bit is not None else ("int" if el.encoding == "hex" else "decimal")
         points.append(ElementPoint(name, el.id, el.unit if unit is None else unit, typ, bit))
-    if address is None or len(points) != len(raw_points):
+    names = [p.name for p in points]
+    for j, n in enumerate(names):
+        if names.index(n) != j:
+            r.error(f"points[{j}].name", f"point {n!r} is already defined at points[{names.index(n)}]")
+    if address is None or len(points) != len(raw_points) or len(set(names)) != len(names):
         return None
     return Station(address.upper(), int(password, 16) if password else None), tuple(points)
 

@@ -100,5 +100,8 @@ def _check_bus(c: BusOutputConfig, buses: Mapping[str, str]) -> None:
     if bus_type is None:
         known = ", ".join(sorted(buses)) or "(none)"
         raise ActionConfigError(c.where("bus"), f"unknown bus {c.bus!r}; known buses: {known}")
+    if bus_type not in ("rtu", "tcp"):
+        raise ActionConfigError(c.where("bus"), f"bus {c.bus!r} is of type {bus_type!r}: coil and register outputs are written "
+                                                "over Modbus, on a bus of type \"rtu\" or \"tcp\"")
     if bus_type == "rtu" and not 1 <= c.unit <= MAX_RTU_UNIT:
         raise ActionConfigError(c.where("unit"), f"must be in 1..{MAX_RTU_UNIT} on serial bus {c.bus!r} (0 is broadcast: no answer), got {c.unit}")

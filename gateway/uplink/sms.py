@@ -21,7 +21,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -118,6 +118,18 @@ class Config:
         )
         t.finish()
         return config
+
+    def with_base(self, base: Path) -> Config:
+        """`pin_file` relative to the site file's directory, like every other file the site names."""
+        if self.pin_file is None or self.pin_file.is_absolute():
+            return self
+        return replace(self, pin_file=base / self.pin_file.expanduser())
+
+    def check(self, resolve: Any) -> list[tuple[str, str]]:
+        from ..storefiles import secret_file_problem
+
+        problem = None if self.pin_file is None else secret_file_problem(self.pin_file)
+        return [] if problem is None else [(f"{self.path}.pin_file", problem)]
 
 
 class ModemError(Exception):
