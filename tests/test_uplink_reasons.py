@@ -5,10 +5,12 @@ Real mosquitto with an ACL that lets this gateway publish everything but data.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,13 +40,14 @@ interval_s = 0.2
 
 
 @pytest.fixture
-def acl_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+def acl_broker(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    writable = getattr(request, "param", ("birth", "death", "alarm", "alarms", "reply"))
     passwd = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gw1", "pw"], check=True, capture_output=True)
     subprocess.run(["mosquitto_passwd", "-b", str(passwd), "platform", "pw"], check=True, capture_output=True)
     os.chmod(passwd, 0o600)
     acl = tmp_path / "acl"
-    acl.write_text("user gw1\n" + "".join(f"topic write yujing/v1/TEST-01/gw1/{k}\n" for k in ("birth", "death", "alarm", "alarms", "reply"))
+    acl.write_text("user gw1\n" + "".join(f"topic write yujing/v1/TEST-01/gw1/{k}\n" for k in writable)
                    + "topic read yujing/v1/TEST-01/gw1/cmd\n\nuser platform\ntopic read yujing/v1/#\n")
     port = free_port()
     conf = tmp_path / "acl.conf"
@@ -57,27 +60,50 @@ def acl_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     proc.wait(5)
 
 
-async def test_refused_messages_go_to_the_dead_letter_table_with_the_reason(acl_broker: int, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def gateway_as_gw1(broker: int, tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway that logs in as gw1 (whom the ACL restricts), polling one simulated Modbus device."""
     modbus = free_port()
     server = SimServer([SimSlave(1)], tcp=("127.0.0.1", modbus))
     await server.start()
     (tmp_path / "pw").write_text("pw")
     os.chmod(tmp_path / "pw", 0o600)
-    cfg = site(acl_broker, tmp_path, BODY.format(port=modbus), uplink_extra='username = "gw1"\npassword_file = "pw"')
+    cfg = site(broker, tmp_path, BODY.format(port=modbus), uplink_extra='username = "gw1"\npassword_file = "pw"')
     try:
         async with running(Gateway(cfg)) as gw:
-            await asyncio.sleep(0.1)
-            deadline = asyncio.get_running_loop().time() + 10
-            while (gw.uplink is None or gw.uplink.rejected < 3) and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-            rejected, acked = gw.uplink.rejected, gw.uplink.acked
-            faults = dict(gw.health.faults)
+            yield gw
     finally:
         await server.stop()
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def test_refused_messages_go_to_the_dead_letter_table_with_the_reason(acl_broker: int, tmp_path: Path) -> None:
+    async with gateway_as_gw1(acl_broker, tmp_path) as gw:
+        await _until(lambda: gw.uplink is not None and gw.uplink.rejected >= 3)
+        rejected, acked = gw.uplink.rejected, gw.uplink.acked
+        faults = dict(gw.health.faults)
     assert rejected >= 3 and acked >= 1  # births and the alarm event went through, data did not
     assert "uplink.refused.data" in faults and "Not authorized (0x87)" in faults["uplink.refused.data"]
-    spool = Spool(cfg.spool.path)
+    spool = Spool(gw.config.spool.path)
     letters = spool.dead_letters()
     spool.close()
     assert len(letters) >= 3
     assert all(kind == "data" and "Not authorized (0x87)" in reason for kind, _, _, reason in letters), letters
+
+
+@pytest.mark.parametrize("acl_broker", [("data", "death", "alarm", "alarms", "reply")], indirect=True)
+async def test_a_refused_birth_is_a_gateway_fault_too(acl_broker: int, tmp_path: Path) -> None:
+    """Births, the retained alarm state and replies are not spooled, so they have no dead letter; a broker
+    that refuses them must still be seen (it was not: the refusal was dropped, and its record kept)."""
+    async with gateway_as_gw1(acl_broker, tmp_path) as gw:
+        await _until(lambda: gw.health is not None and "uplink.refused.birth" in gw.health.faults)
+        faults = dict(gw.health.faults)
+        await _until(lambda: gw.uplink is not None and gw.uplink.acked >= 1)
+        acked = gw.uplink.acked
+    assert "Not authorized (0x87)" in faults.get("uplink.refused.birth", ""), faults
+    assert acked >= 1  # data still flows

@@ -87,6 +87,8 @@ class ReasonClient(aiomqtt.Client):
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             self._refused[mid] = reason_code
+            while len(self._refused) > 256:  # a refusal nobody asked about (a death at shutdown) is not kept forever
+                self._refused.pop(next(iter(self._refused)))
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
     async def publish_acked(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> tuple[int, str] | None:
@@ -208,11 +210,11 @@ class Uplink:
         self._bucket = TokenBucket(cfg.drain_rate, clock)
         self._storage_error: str | None = None
 
-    def _refusing(self, kind: str, why: str | None) -> None:
+    def _refusing(self, kind: str, why: str | None, *, kept: bool = True) -> None:
         """Report a broker that refuses a kind of message (an ACL, a topic limit) once, and its end once."""
         before = self._refused_why.get(kind)
         if why is not None and before is None:
-            log.error("%s; the message is kept in the dead-letter table", why)
+            log.error("%s; %s", why, "the message is kept in the dead-letter table" if kept else "it is not spooled; it goes again when next due")
             if self.on_refused is not None:
                 self.on_refused(kind, why)
         elif why is None and before is not None and self.on_accepted is not None:
@@ -224,6 +226,13 @@ class Uplink:
 
     def topic(self, kind: str) -> str:
         return wire.topic(self.cfg.topic_prefix, self.identity.site, self.identity.gateway, kind)
+
+    async def _publish_state(self, client: ReasonClient, kind: str, payload: bytes, *, retain: bool = False) -> None:
+        """A message that is not spooled (birth, the retained alarm state, a command reply): a refusal is
+        reported like a spooled one, as a gateway fault for its kind, though there is nothing to keep."""
+        refused = await client.publish_acked(self.topic(kind), payload, qos=1, retain=retain)
+        why = None if refused is None else f"broker refused the {kind} message: {refused[1]} (0x{refused[0]:02x})"
+        self._refusing(kind, why, kept=False)
 
     def alarm_state(self, payload: bytes) -> None:
         """Publish this (retained) alarm snapshot as soon as connected; only the latest counts."""
@@ -269,7 +278,7 @@ class Uplink:
             except TimeoutError:
                 pass
 
-    async def _listen(self, client: aiomqtt.Client) -> None:
+    async def _listen(self, client: ReasonClient) -> None:
         """Commands to this gateway: each gets a reply; nothing the command says is trusted unchecked."""
         if self.commands is None:
             return
@@ -293,7 +302,7 @@ class Uplink:
             if self.on_command_ok is not None:
                 self.on_command_ok()
             if reply is not None:
-                await client.publish(self.topic("reply"), reply, qos=1)
+                await self._publish_state(client, "reply", reply)
 
     async def _spool(self, fn: Callable[[Spool], Any], fallback: Any) -> Any:
         """`fn(spool)` on the storage thread; on a storage failure, `fallback` (logged once per failure)."""
@@ -307,11 +316,11 @@ class Uplink:
         self._storage_error = None
         return result
 
-    async def _births(self, client: aiomqtt.Client) -> None:
+    async def _births(self, client: ReasonClient) -> None:
         for session in await self._spool(lambda s: s.pending_sessions(), []):
             if session != self.session:
-                await client.publish(self.topic("birth"), await self._birth(session), qos=1, retain=False)
-        await client.publish(self.topic("birth"), await self._birth(self.session), qos=1, retain=True)
+                await self._publish_state(client, "birth", await self._birth(session))
+        await self._publish_state(client, "birth", await self._birth(self.session), retain=True)
 
     async def _birth(self, session: int) -> bytes:
         def read(spool: Spool) -> tuple[Any, int]:
@@ -352,7 +361,7 @@ class Uplink:
             self._bucket.take(m.count)
         return [m], 0.0
 
-    async def _drain(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _drain(self, client: ReasonClient, stop: asyncio.Event) -> None:
         sent: set[int] = set()  # published on this connection, PUBACK pending
         inflight: set[asyncio.Task[Any]] = set()
         failure: list[BaseException] = []
@@ -410,7 +419,7 @@ class Uplink:
                 self.wake.clear()  # before looking, so a reading spooled after the look wakes us
                 if self._alarm_state is not None and self._alarm_state != self._alarm_state_sent:
                     self._alarm_state_sent = self._alarm_state
-                    await client.publish(self.topic("alarms"), self._alarm_state, qos=1, retain=True)
+                    await self._publish_state(client, "alarms", self._alarm_state, retain=True)
                 # Copied here, not on the storage thread: a PUBACK queues its delete before it leaves `sent`,
                 # so a message is always either excluded or already marked delivered when _next runs.
                 exclude = set(sent)
