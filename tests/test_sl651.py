@@ -278,6 +278,7 @@ station_class = "K"
 timed_interval_s = 1
 keepalive_s = 0.5
 confirm_timeout_s = 0.3
+fault_after_s = 0.5
 add_level = "III_YELLOW"
 elements = [ {{ element = "ZU", point = "radar.level" }}, {{ element = "PJ", point = "radar.rain_today" }} ]
 """
@@ -343,6 +344,7 @@ async def test_the_gateway_reports_as_a_station_timed_added_queried_and_resent(m
             unconfirmed = [sl651.decode_short_body(f.body)[0] for f in centre.frames[before:] if f.function == sl651.F_TIMED][:3]
             uplink = gw.extra_uplinks[0]
             await _until(lambda: uplink.sent["given_up"] >= 1, timeout=5)
+            assert "does not confirm" in gw.health.faults["uplink.sl651.authority"]
     finally:
         await server.stop()
         centre.server.close()
@@ -380,8 +382,11 @@ async def test_reports_made_while_the_centre_is_unreachable_are_sent_in_order_wh
             await _until(lambda: uplink.sent["added"] >= 1, timeout=5)
             made = list(uplink.outbox)
             assert len(made) >= 3 and uplink.sent["confirmed"] == 0
+            await _until(lambda: "uplink.sl651.authority" in gw.health.faults, timeout=5)  # unreachable past fault_after_s
+            assert "reports waiting" in gw.health.faults["uplink.sl651.authority"]
             await centre.start(centre_port)
             await _until(lambda: len(centre.frames) >= len(made) and not any(s == made[-1][1] for _, s, _ in uplink.outbox), timeout=10)
+            assert "uplink.sl651.authority" not in gw.health.faults  # cleared by the first confirm
     finally:
         await server.stop()
         if centre.server is not None:

@@ -52,6 +52,7 @@ station_class = "K"           # Appendix A: "K" reservoir, "H" river, "P" rain, 
 # confirm_timeout_s = 10
 # resends = 2                 # M2: at most 2 resends without a confirm, then the link is reopened
 # backlog = 240               # reports kept while the centre is unreachable (10 days of hourly reports)
+# fault_after_s = 300         # unreachable this long, or a report not confirmed: a gateway fault on the platform
 elements = [
   { element = "ZU", point = "radar.level" },
   { element = "PJ", point = "rain.today" },
@@ -80,6 +81,7 @@ class Config:
     confirm_timeout_s: float = 10.0
     resends: int = 2
     backlog: int = 240
+    fault_after_s: float = 300.0
     elements: tuple[tuple[int, str], ...] = ()  # (element id, point name)
     path: str = ""
 
@@ -125,7 +127,8 @@ class Config:
             timed_interval_s=t.number("timed_interval_s", 3600.0, positive=True), keepalive_s=t.number("keepalive_s", 40.0, non_negative=True),
             add_level=int(level), utc_offset_min=(int(m.group(2)) * 60 + int(m.group(3))) * (-1 if m.group(1) == "-" else 1),
             confirm_timeout_s=t.number("confirm_timeout_s", 10.0, positive=True), resends=t.integer("resends", 2, minimum=0, maximum=5),
-            backlog=t.integer("backlog", 240, minimum=1, maximum=10_000), elements=tuple(elements), path=path,
+            backlog=t.integer("backlog", 240, minimum=1, maximum=10_000), fault_after_s=t.number("fault_after_s", 300.0, positive=True),
+            elements=tuple(elements), path=path,
         )
         t.finish()
         return config
@@ -152,6 +155,8 @@ class SL651Uplink:
         self._queued = asyncio.Event()
         self._confirms: dict[tuple[int, int], asyncio.Future[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self.source = f"uplink.sl651.{config.name}"
+        self._down_since: float | None = None  # monotonic: since when no centre took our reports
 
     # ---------------------------------------------------------- reports
 
@@ -211,6 +216,7 @@ class SL651Uplink:
             try:
                 await asyncio.wait_for(future, self.config.confirm_timeout_s)
                 self.sent["confirmed"] += 1
+                self._healthy()
                 return True
             except TimeoutError:
                 log.info("%s: no confirm for %s serial %d (attempt %d)", self.config.name,
@@ -220,7 +226,24 @@ class SL651Uplink:
         self.sent["given_up"] += 1
         log.warning("%s: %s serial %d not confirmed after %d sends; reconnecting, it stays first in line", self.config.name,
                     sl651.FUNCTION_NAMES[function], serial, 1 + self.config.resends)
+        self._unhealthy(f"the centre does not confirm {sl651.FUNCTION_NAMES[function]} serial {serial}")
         return False
+
+    # ---------------------------------------------------------- faults
+
+    def _unhealthy(self, why: str) -> None:
+        """A gateway fault once the water authority has gone without our reports for `fault_after_s`."""
+        now = self.ctx.clock.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since >= self.config.fault_after_s or why.startswith("the centre does not confirm"):
+            host, port = self.config.centre
+            self.ctx.health.fault(self.source, f"{self.config.name}: SL 651 centre {host}:{port}: {why}; "
+                                               f"{len(self.outbox)} reports waiting")
+
+    def _healthy(self) -> None:
+        self._down_since = None
+        self.ctx.health.ok(self.source, f"{self.config.name}: the centre confirms reports again")
 
     # ---------------------------------------------------------- making reports, link or no link
 
@@ -275,6 +298,7 @@ class SL651Uplink:
             except (OSError, TimeoutError) as exc:
                 log.info("%s: centre %s:%d unreachable (%s); retrying in %.0f s; %d reports waiting", self.config.name, host,
                          port, exc, delay, len(self.outbox))
+                self._unhealthy(f"unreachable ({exc or type(exc).__name__})")
                 await _sleep_or_stop(stop, delay)
                 delay = min(delay * 2, 60.0)
                 continue
