@@ -40,7 +40,7 @@ host = "127.0.0.1"
 port = {broker}
 tls = false
 [spool]
-path = "{tmp}/spool.db"
+path = "{tmp}/spool"
 [[buses]]
 name = "rs485"
 type = "rtu"

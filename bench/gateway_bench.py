@@ -94,11 +94,13 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
 
 
-def site_toml(broker_port: int, modbus_port: int, points: int, interval: float, spool: Path) -> str:
+def site_toml(broker_port: int, modbus_port: int, points: int, interval: float, spool: Path, *,
+              site_id: str = "BENCH-01", spool_extra: str = "") -> str:
+    """A bench site: one Modbus TCP server, devices of at most 100 registers each (units 1, 2, …)."""
     per_device = 100
     parts = [f"""
 [site]
-id = "BENCH-01"
+id = "{site_id}"
 gateway = "gw"
 [uplink]
 host = "127.0.0.1"
@@ -106,6 +108,7 @@ port = {broker_port}
 tls = false
 [spool]
 path = "{spool}"
+{spool_extra}
 [[buses]]
 name = "plc"
 type = "tcp"
@@ -189,9 +192,8 @@ async def pipeline_throughput(workdir: Path, broker_port: int, total: int) -> di
     from gateway.uplink.mqtt import Identity, Uplink
 
     points = [PointSpec(f"r{i}", Table.HOLDING, i, "uint16", scale=Decimal("0.1")) for i in range(100)]
-    path = workdir / "pipeline" / "spool.db"
-    for old in path.parent.glob("*"):
-        old.unlink()
+    path = workdir / "pipeline" / "spool"
+    shutil.rmtree(path.parent, ignore_errors=True)
     storage = Storage(path)
     storage.bind(asyncio.get_running_loop())
     session = storage.open([PointInfo("d", p.name, "", p.type) for p in points], 0).session

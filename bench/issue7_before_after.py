@@ -109,7 +109,10 @@ for what, corrupt in (("garbage", lambda p: p.write_bytes(os.urandom(8192))), ("
             st = Storage(d / "spool.db"); st.open([], T); st.spool.close()
     else:
         s = Spool(d / "spool.db"); [s.start_session([], T) for _ in range(3)]; s.close()
-    corrupt(d / "spool.db")
+    spool = d / "spool.db"
+    for f in (sorted(spool.iterdir()) if spool.is_dir() else [spool]):  # since issue 12 the spool is a directory
+        if f.name != "lock":
+            corrupt(f)
     try:
         r = start(d)
     except Exception as e:

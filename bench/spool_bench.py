@@ -1,6 +1,7 @@
 """Backlog benchmark: prints figures, asserts nothing. Run: .venv/bin/python bench/spool_bench.py [--readings N]
 
-1. spooling rate: readings per second committed (one transaction per 50-point poll, synchronous=FULL);
+1. spooling rate: readings per second appended to the segment log (one record per 50-point poll, each in
+   the kernel before the call returns; one fsync at the end), and the log's size per reading;
 2. backlog drain: a spool holding N readings (default one million) from an outage, drained by the real
    gateway (`yujing run`, its own process) to mosquitto: readings per second until the spool is empty,
    while the gateway keeps polling a live device;
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway_bench import SIM, free_port, proc_status, start_mosquitto, wait_port  # noqa: E402
+from bench.gateway_bench import SIM, free_port, proc_status, site_toml, start_mosquitto, wait_port  # noqa: E402
 from bench.gateway_bench import Counter as BaseCounter  # noqa: E402
 from gateway.model import PointInfo, Reading  # noqa: E402
 from gateway.spool import Spool  # noqa: E402
@@ -30,28 +31,7 @@ POINTS = 50
 
 
 def site(broker: int, modbus: int, spool: Path) -> str:
-    return f"""
-[site]
-id = "BENCH-02"
-gateway = "gw"
-[uplink]
-host = "127.0.0.1"
-port = {broker}
-tls = false
-[spool]
-path = "{spool}"
-max_bytes = 2000000000
-[[buses]]
-name = "plc"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus}
-[[devices]]
-name = "d"
-bus = "plc"
-unit = 1
-interval_s = 1
-""" + "".join(f'  [[devices.points]]\n  name = "r{i}"\n  address = {i}\n' for i in range(POINTS))
+    return site_toml(broker, modbus, POINTS, 1, spool, site_id="BENCH-02", spool_extra="max_bytes = 2000000000")
 
 
 def fill(path: Path, n: int) -> float:
@@ -131,13 +111,13 @@ async def main() -> None:
         sim = subprocess.Popen([sys.executable, "-c", SIM, str(modbus), str(POINTS)], cwd=ROOT)
         try:
             wait_port(modbus)
-            rate = fill(workdir / "full.db", args.readings)
-            size = (workdir / "full.db").stat().st_size
-            print(f"spooling: {rate:,.0f} readings/s committed in 50-reading polls (synchronous=FULL); "
+            rate = fill(workdir / "full", args.readings)
+            size = sum(f.stat().st_size for f in (workdir / "full").iterdir() if f.name.startswith("seg-"))
+            print(f"spooling: {rate:,.0f} readings/s appended in 50-reading polls; "
                   f"{args.readings:,} readings = {size / 1e6:.1f} MB on disk ({size / args.readings:.1f} B/reading)")
-            empty = await measure(port, modbus, workdir, workdir / "empty.db", 0)
+            empty = await measure(port, modbus, workdir, workdir / "empty", 0)
             print(f"gateway with an empty spool: RSS {empty['rss_end_mb']:.1f} MB (peak {empty['rss_peak_mb']:.1f} MB)")
-            full = await measure(port, modbus, workdir, workdir / "full.db", args.readings)
+            full = await measure(port, modbus, workdir, workdir / "full", args.readings)
             print(f"backlog drain of {args.readings:,} readings to mosquitto (QoS 1, while polling live): "
                   f"{full['seconds']:.1f} s, {full['rate']:,.0f} readings/s; RSS peak {full['rss_peak_mb']:.1f} MB, "
                   f"at the end {full['rss_end_mb']:.1f} MB; {full['live']:,} live readings delivered meanwhile")

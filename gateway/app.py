@@ -146,6 +146,8 @@ class Gateway:
         storage = self.storage = Storage(
             cfg.spool.path, max_bytes=cfg.spool.max_bytes, liveness=self.liveness_clock.monotonic,
             on_fault=health.fault, on_ok=health.ok, on_stored=lambda: uplink_box[0].wake.set() if uplink_box else None,
+            power_cut_window_s=cfg.spool.power_cut_window_s, historical_after_ms=int(self.historical_after_s * 1000),
+            batch_max=cfg.uplink.batch_max, clock_ms=self.clock.time_ms,
         )
         storage.bind(asyncio.get_running_loop())
         try:

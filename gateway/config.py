@@ -66,7 +66,7 @@ class UplinkConfig:
     key_file: Path | None = None
     keepalive_s: int = 30
     batch_max: int = 500
-    batch_delay_s: float = 1.0
+    batch_delay_s: float = 0.005
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
     drain_rate: float = 0.0  # backlog readings per second after an outage; 0: as fast as the broker takes
@@ -77,8 +77,9 @@ class UplinkConfig:
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    path: Path
+    path: Path  # a directory: the segment log (gateway/spool.py)
     max_bytes: int = 256 * 1024 * 1024
+    power_cut_window_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def _uplink(r: Reader, base: Path, site: SiteConfig | None) -> UplinkConfig | No
     insecure = r.get("allow_plaintext", bool, False)
     keepalive = r.get("keepalive_s", int, 30, check=lambda v: 5 <= v <= 3600, hint="5..3600")
     batch_max = r.get("batch_max", int, 500, check=lambda v: 1 <= v <= 10000, hint="1..10000")
-    batch_delay = r.get("batch_delay_s", NUMBER, 1.0, check=non_negative, hint="≥ 0")
+    batch_delay = r.get("batch_delay_s", NUMBER, 0.005, check=lambda v: 0 <= v <= 10, hint="0..10 seconds")
     bmin = r.get("backoff_min_s", NUMBER, 1.0, check=positive, hint="> 0")
     bmax = r.get("backoff_max_s", NUMBER, 60.0, check=positive, hint="> 0")
     drain_rate = r.get("drain_rate", NUMBER, 0, check=non_negative, hint="readings per second, 0 = as fast as the broker accepts")
@@ -333,10 +334,11 @@ def _check_secret(r: Reader, name: str, path: Path) -> None:
 
 
 def _spool(r: Reader, base: Path) -> SpoolConfig:
-    path = _resolve(base, r.get("path", str, "state/spool.db"))
+    path = _resolve(base, r.get("path", str, "state/spool"))
     max_bytes = r.get("max_bytes", int, 256 * 1024 * 1024, check=lambda v: v >= 1024 * 1024, hint="at least 1048576 (1 MiB)")
+    window = r.get("power_cut_window_s", NUMBER, 5.0, check=lambda v: 0 <= v <= 60, hint="0 (sync every write) .. 60 seconds")
     r.finish()
-    return SpoolConfig(path or base / "state/spool.db", max_bytes)
+    return SpoolConfig(path or base / "state/spool", max_bytes, float(window))
 
 
 def _bus(r: Reader, index: int) -> BusConfig | None:

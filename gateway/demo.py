@@ -51,7 +51,7 @@ protocol = "{protocol}"
 batch_delay_s = 0.2
 
 [spool]
-path = "{workdir}/spool.db"
+path = "{workdir}/spool"
 
 [[buses]]
 name = "rs485-a"

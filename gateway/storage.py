@@ -1,8 +1,9 @@
 """The storage stage: the spool and the gateway's state files, on a thread of their own.
 
-    poll path ─append()─▶ memory (bounded) ─▶ storage thread: one transaction per batch ─▶ spool.db
-    alarm desk ─append_events()─▶                  (events first)            └─▶ on_stored() wakes the uplink
+    poll path ─append()─▶ memory (bounded) ─▶ storage thread: one write per batch ─▶ spool (segment log)
+    alarm desk ─append_events()─▶                  (events first)     └─▶ on_stored() wakes the uplink
     uplink ─await call(fn)─▶ the same thread, in order (seal, unsent, delivered …)
+    every `power_cut_window_s`, and at once after alarm events ─▶ spool.sync() (fsync)
 
 Nothing on the poll path waits for the disk: an SD card that stalls for seconds on fsync, a full disk
 or a corrupt file delay only storing and publishing, never a siren. A batch the disk refuses stays in
@@ -13,16 +14,23 @@ file. A corrupt spool (at start or at any later statement) is moved aside and re
 and the session and its sequence numbers carry on above anything issued. Every such event is reported
 through `on_fault`/`on_ok`, which the gateway turns into gateway_fault/gateway_ok alarm events.
 
-A reading is accepted when `append` returns and durable when its batch commits, a few milliseconds later
-(or when the disk takes it again): `kill -9` in between loses only that batch, as it would have lost a
-reading still on its way from the device.
+A reading is accepted when `append` returns; it is in the kernel (safe from `kill -9`) when its batch is
+written, a few milliseconds later (or when the disk takes it again), and on the card (safe from a power
+cut) at the next sync: within `power_cut_window_s`, at once for alarm events. The window is what a power
+cut may take, traded for what the card is spared: docs/design/spool.md has the figures.
+
+A spool of an older release (one SQLite file where the log's directory goes) is carried into the log at
+start, message for message, and then removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -40,7 +48,7 @@ log = logging.getLogger("yujing.storage")
 
 R = TypeVar("R")
 SOURCE = "storage"
-SPOOL_COMPANIONS = ("-wal", "-shm")
+LEGACY_COMPANIONS = ("-wal", "-shm")
 
 
 @dataclass
@@ -94,9 +102,18 @@ class Storage:
         retry_min_s: float = 1.0,
         retry_max_s: float = 30.0,
         liveness: Callable[[], float] = time.monotonic,
+        power_cut_window_s: float = 5.0,
+        historical_after_ms: int = 60_000,
+        batch_max: int = 500,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.power_cut_window_s = power_cut_window_s
+        self.historical_after_ms = historical_after_ms
+        self.batch_max = batch_max
+        self.clock_ms = clock_ms
+        self._synced_at = -math.inf  # liveness time of the last sync
         self.max_pending_readings = max_pending_readings
         self.max_pending_events = max_pending_events
         self.on_fault = on_fault or (lambda source, message: None)
@@ -124,7 +141,7 @@ class Storage:
         self._state_saves: dict[str, tuple[Callable[[Any], None], Any]] = {}  # latest pending save per file
         self._busy_since: float | None = None  # monotonic start of the job on the storage thread now
         self._state_failed: set[str] = set()
-        self.stats = {"polls_stored": 0, "events_stored": 0, "dropped_in_memory": 0, "replaced": 0}
+        self.stats = {"polls_stored": 0, "events_stored": 0, "dropped_in_memory": 0, "replaced": 0, "syncs": 0}
 
     # ---------------------------------------------------------- start and stop
 
@@ -155,22 +172,76 @@ class Storage:
             notes.append(f"session counter {self.boot.path}: cannot write: {exc.strerror}")
         return Startup(self.session, notes)
 
+    def _new_spool(self) -> Spool:
+        # Segments small enough that the budget holds several (a segment goes whole), at most 1 MiB.
+        segment = max(64 * 1024, min(1 << 20, self.max_bytes // 8))
+        return Spool(self.path, max_bytes=self.max_bytes, segment_bytes=segment, historical_after_ms=self.historical_after_ms,
+                     batch_max=self.batch_max)
+
+    def _legacy(self) -> Path | None:
+        """A SQLite spool of an older release still to be carried over: at the configured path (a site file
+        that names `spool.db`), under its old default name next to the log, or part-carried (renamed)."""
+        for candidate in (self.path, self.path.with_name("spool.db")):
+            if candidate.is_file():
+                return candidate
+            aside = candidate.with_name(candidate.name + ".sqlite-old")
+            if aside.is_file():
+                return aside
+        return None
+
     def _open_spool(self, notes: list[str]) -> Spool:
+        legacy = self._legacy()
+        if legacy is not None:
+            return self._carry_over(legacy, notes)
         try:
-            spool = Spool(self.path, max_bytes=self.max_bytes)
-            problem = None if spool.created else spool.check_integrity()
-            if problem is None:
-                return spool
-            spool.close()
-            error = SpoolError(f"spool {self.path}: integrity check: {problem}", corrupt=True)
+            spool = self._new_spool()
         except SpoolError as exc:
             if not exc.corrupt:
                 raise
-            error = exc
-        aside = storefiles.quarantine(self.path, companions=SPOOL_COMPANIONS)
-        self.stats["replaced"] += 1
-        notes.append(f"{error}; moved to {aside.name} and started a fresh spool: its unsent readings and alarm events are lost")
-        return Spool(self.path, max_bytes=self.max_bytes)
+            aside = storefiles.quarantine(self.path)
+            self.stats["replaced"] += 1
+            notes.append(f"{exc}; moved to {aside.name} and started a fresh spool: its unsent readings and alarm events are lost")
+            return self._new_spool()
+        notes.extend(spool.notes)  # damage the log could read around: said once, the rest is kept
+        return spool
+
+    def _carry_over(self, found: Path, notes: list[str]) -> Spool:
+        """Into a scratch directory, renamed to the spool's path only when complete: a gateway killed half way
+        (power, kill -9) finds the old file again at its next start and carries it over from the beginning,
+        never into a log that already holds half of it."""
+        from .spool_migrate import carry_over
+
+        legacy = found if found.name.endswith(".sqlite-old") else found.with_name(found.name + ".sqlite-old")
+        if found != legacy:
+            os.replace(found, legacy)
+            for suffix in LEGACY_COMPANIONS:
+                extra = found.with_name(found.name + suffix)
+                if extra.exists():
+                    os.replace(extra, legacy.with_name(legacy.name + suffix))
+        scratch = self.path.with_name(self.path.name + ".carrying")
+        shutil.rmtree(scratch, ignore_errors=True)
+        if self.path.is_dir() and not any(self.path.glob("seg-*.log")):
+            shutil.rmtree(self.path)  # an empty log made before the old file was seen: nothing in it yet
+        if self.path.exists():
+            notes.append(f"spool {legacy}: an older release's spool next to the log {self.path}, which holds data; "
+                         "both are kept, the old one is not carried over (move one away and restart to choose)")
+            return self._new_spool()
+        try:
+            spool = Spool(scratch, max_bytes=1 << 62)
+            try:
+                notes.extend(carry_over(legacy, spool))
+            finally:
+                spool.close()
+            os.replace(scratch, self.path)
+        except Exception as exc:  # what cannot be read stays aside for a person to look at
+            shutil.rmtree(scratch, ignore_errors=True)
+            notes.append(f"spool {legacy}: could not carry it over ({type(exc).__name__}: {exc}); it stays there, and the "
+                         "gateway goes on with a fresh spool")
+            return self._new_spool()
+        for suffix in ("", *LEGACY_COMPANIONS):
+            with contextlib.suppress(FileNotFoundError):
+                legacy.with_name(legacy.name + suffix).unlink()
+        return self._new_spool()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -268,9 +339,14 @@ class Storage:
             self._events.clear()
             dropped, self._unstored_dropped = self._unstored_dropped, 0
         if not polls and not events and not dropped:
+            self._sync_if_due(spool)
             return 0, 0
         try:
-            spool.store(polls, _by_session(events), dropped=dropped)
+            spool.store(polls, _by_session(events), dropped=dropped, now_ms=self.clock_ms())
+            if events:  # alarm events are on the card before anything else happens
+                self._sync(spool)
+            else:
+                self._sync_if_due(spool)
         except BaseException:
             with self._mem:  # back to the front, in order: what arrived meanwhile is newer
                 self._polls.extendleft(reversed(polls))
@@ -280,6 +356,19 @@ class Storage:
         with self._mem:
             self._pending_readings -= sum(len(p) for _, p in polls)
         return len(polls), len(events)
+
+    def _sync(self, spool: Spool) -> None:
+        spool.sync()
+        self._synced_at = self.liveness()
+        self.stats["syncs"] += 1
+
+    def _sync_if_due(self, spool: Spool) -> None:
+        if spool.unsynced and self.liveness() - self._synced_at >= self.power_cut_window_s:
+            self._sync(spool)
+
+    def _sync_job(self) -> None:
+        if self.spool is not None:
+            self._sync_if_due(self.spool)
 
     def _reopen(self) -> Spool:
         """Open the spool after it failed to open (or was set aside), carrying this boot's session on."""
@@ -299,9 +388,9 @@ class Storage:
         if old is not None:
             old.close()
         self.spool = None
-        aside = storefiles.quarantine(self.path, companions=SPOOL_COMPANIONS)
+        aside = storefiles.quarantine(self.path)
         self.stats["replaced"] += 1
-        spool = Spool(self.path, max_bytes=self.max_bytes)
+        spool = self._new_spool()
         spool.adopt_session(self.session, self.catalogue, self.started_ms, issued=issued.get(self.session, {}))
         self.spool = spool
         message = f"{error}; moved to {aside.name} and started a fresh spool: its unsent readings and alarm events are lost"
@@ -391,7 +480,23 @@ class Storage:
         while True:
             self._poke.clear()
             if self._failure is None:
-                await self._poke.wait()
+                # Written but not yet synced (the uplink's seals and acks, a quiet poll): the window bounds it.
+                due = self._synced_at + self.power_cut_window_s - self.liveness()
+                spool = self.spool
+                if spool is not None and spool.unsynced and due <= 0:
+                    try:
+                        await loop.run_in_executor(self._executor, self._job, self._sync_job)
+                    except SpoolError as exc:
+                        self._fail(exc)
+                    except Exception as exc:
+                        log.error("storage: unexpected error", exc_info=exc)
+                        self._fail(SpoolError(f"spool {self.path}: {type(exc).__name__}: {exc}"))
+                    continue
+                try:
+                    await asyncio.wait_for(self._poke.wait(), max(due, 0.05) if spool is not None and spool.unsynced
+                                           else self.power_cut_window_s or 1.0)
+                except TimeoutError:
+                    pass
                 continue
             wait = self._retry_at - self.liveness()
             if wait > 0:

@@ -23,7 +23,7 @@ tls = false
 batch_delay_s = 0.1
 backoff_min_s = 0.1
 [spool]
-path = "{tmp}/spool.db"
+path = "{tmp}/spool"
 [[buses]]
 name = "rs485"
 type = "rtu"
@@ -89,7 +89,7 @@ def _with_local_uplink(text: str, broker_port: int, tmp: Path) -> str:
         if not skipping:
             out.append(line)
     out.append(f'[uplink]\nhost = "127.0.0.1"\nport = {broker_port}\ntls = false\nbatch_delay_s = 0.1\n')
-    out.append(f'[spool]\npath = "{tmp / "spool.db"}"\n')
+    out.append(f'[spool]\npath = "{tmp / "spool"}"\n')
     return "\n".join(out)
 
 

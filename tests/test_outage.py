@@ -113,7 +113,7 @@ batch_delay_s = 0
 backoff_min_s = 0.1
 backoff_max_s = 0.3
 [spool]
-path = "{tmp_path / 'spool.db'}"
+path = "{tmp_path / 'spool'}"
 {body(port, points, 0.05)}
 """
     cfg_path.write_text(cfg_text)
@@ -152,7 +152,7 @@ path = "{tmp_path / 'spool.db'}"
     finally:
         await server.stop()
     assert kills == 20
-    spool = Spool(tmp_path / "spool.db")
+    spool = Spool(tmp_path / "spool")
     left = spool.backlog() + len(spool.unsent(limit=10**6))
     spool.close()
     delivered, duplicates = check_delivery(col.records, points)

@@ -22,7 +22,8 @@ CAT = [PointInfo("d", "p", "", "uint16")]
 def test_seal_deliver_and_resend(tmp_path: Path) -> None:
     s = Spool(tmp_path / "s.db")
     session = s.start_session(CAT, T)
-    s.append(session, [Reading(0, T + i, i) for i in range(10)])
+    for i in range(10):
+        s.append(session, [Reading(0, T + i, i)])
     m1 = s.seal(4, now_ms=T, historical_after_ms=60_000)
     m2 = s.seal(4, now_ms=T, historical_after_ms=60_000)
     assert (m1.seq, m2.seq) == (1, 2)
@@ -31,6 +32,19 @@ def test_seal_deliver_and_resend(tmp_path: Path) -> None:
     s.delivered(m1.id)
     assert [m.seq for m in s.unsent()] == [2]  # not acknowledged: sent again, same bytes
     assert s.unsent()[0].payload == m2.payload
+
+
+def test_a_poll_is_never_split_across_messages(tmp_path: Path) -> None:
+    """A poll larger than a message goes whole, on its own: nothing half-sealed has to survive a restart."""
+    s = Spool(tmp_path / "s.db")
+    session = s.start_session(CAT, T)
+    s.append(session, [Reading(0, T, 0)])
+    s.append(session, [Reading(0, T + 1, i) for i in range(10)])
+    first = s.seal(4, now_ms=T, historical_after_ms=60_000)
+    second = s.seal(4, now_ms=T, historical_after_ms=60_000)
+    assert [r.value for r in wire.decode_data(first.payload).readings] == [0]
+    assert [r.value for r in wire.decode_data(second.payload).readings] == list(range(10))
+    assert s.backlog() == 0
 
 
 def test_counters_survive_restart_and_never_reuse(tmp_path: Path) -> None:
@@ -84,7 +98,8 @@ def test_byte_budget_drops_oldest_routine_readings_and_counts_them(tmp_path: Pat
     assert s.size_bytes() <= 1024 * 1024
     assert s.dropped > 0
     assert s.backlog() + s.dropped == 300_000
-    oldest = s.db.execute("SELECT min(ts) FROM readings").fetchone()[0]  # a row's ts is its newest reading
+    first = wire.decode_data(s.seal(1000, now_ms=T, historical_after_ms=10**9, live=True).payload)
+    oldest = min(r.ts_ms for r in first.readings)
     assert oldest >= T + s.dropped  # the oldest went first: every poll older than the survivors is gone
 
 
@@ -120,19 +135,17 @@ def test_kill_9_loses_nothing_committed_and_corrupts_nothing(tmp_path: Path) -> 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert len(last_acknowledged) == 5
-    con = sqlite3.connect(db)
-    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    con.close()
     s = Spool(db)
+    assert s.notes == []  # whole records only: a kill leaves nothing torn (the kernel has every write)
     assert s.start_session(CAT, T) == 6  # five killed sessions counted, none reused
     present: dict[int, set[int]] = {}
-    for session, ts in s.db.execute("SELECT session, ts FROM readings"):
-        present.setdefault(session, set()).add(ts)
     messages = s.unsent(limit=10**6)
     for session in {m.session for m in messages}:  # per session: unique, gapless, increasing
         seqs = [m.seq for m in messages if m.session == session]
         assert seqs == list(range(1, len(seqs) + 1))
     for m in messages:
+        present.setdefault(m.session, set()).update(r.ts_ms for r in wire.decode_data(m.payload).readings)
+    while (m := s.seal(10**6, now_ms=T, historical_after_ms=10**15, live=True)) is not None:  # the unsealed polls
         present.setdefault(m.session, set()).update(r.ts_ms for r in wire.decode_data(m.payload).readings)
     for session, last in last_acknowledged.items():
         assert set(range(last + 1)) <= present[session], f"session {session} lost acknowledged readings"
@@ -207,32 +220,48 @@ def test_budget_never_drops_alarm_events(tmp_path: Path) -> None:
 def test_live_lane_skips_the_backlog(tmp_path: Path) -> None:
     s = Spool(tmp_path / "s.db")
     s.start_session(CAT, T)
-    s.append(1, [Reading(0, T + i, i) for i in range(100)])  # spooled during an outage
+    for i in range(100):  # spooled during an outage, one reading a poll
+        s.append(1, [Reading(0, T + i, i)])
+    s.store([], [], now_ms=T + 10_000_000)  # a minute on, still no uplink: they become the historical backlog
     assert s.mark_backlog() == 100
     s.append(1, [Reading(0, T + 10_000_000, 999)])  # live, after the link came back
     live = wire.decode_data(s.seal(50, now_ms=T + 10_000_000, historical_after_ms=60_000, live=True).payload)
     assert [r.value for r in live.readings] == [999] and not live.historical
     old = wire.decode_data(s.seal(50, now_ms=T + 10_000_000, historical_after_ms=60_000).payload)
-    assert [r.value for r in old.readings] == list(range(50)) and old.historical
+    assert [r.value for r in old.readings] == list(range(100)) and old.historical  # many polls, one message
     assert s.seal(50, now_ms=T, historical_after_ms=1, live=True) is None
 
 
-def test_a_full_disk_is_a_clear_error_and_loses_nothing_already_stored(tmp_path: Path) -> None:
-    import pytest
+def test_a_refused_write_is_a_clear_error_and_leaves_no_torn_record(tmp_path: Path) -> None:
+    """The file size limit stands in for a full disk here (tests/test_storage_failures.py fills a real one):
+    the write that does not fit is refused whole, nothing already stored is lost, and what follows once
+    there is room again reads back."""
+    import resource
 
     from gateway.spool import SpoolError
 
     s = Spool(tmp_path / "s.db")
     s.start_session(CAT, T)
     s.append(1, [Reading(0, T, 1)])
-    pages = s.db.execute("PRAGMA page_count").fetchone()[0]
-    s.db.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLite's own "database or disk is full"
-    with pytest.raises(SpoolError, match=rf"spool {tmp_path / 's.db'}: .*full"):
-        for i in range(1000):
-            s.append(1, [Reading(0, T + i, bytes(100).hex() and i) for _ in range(50)])
-    s.db.execute("PRAGMA max_page_count = 1000000")
-    assert s.backlog() >= 1
-    assert wire.decode_data(s.seal(1, now_ms=T, historical_after_ms=1).payload).readings[0].value == 1
+    size = s.size_bytes()
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 300, hard))
+    try:
+        with pytest.raises(SpoolError, match=rf"spool {tmp_path / 's.db'}: store: "):
+            for i in range(100):
+                s.append(1, [Reading(0, T + i, i) for _ in range(50)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    s.append(1, [Reading(0, T + 999, 999)])
+    s.close()
+    s = Spool(tmp_path / "s.db")
+    assert s.notes == []
+    values = []
+    while (m := s.seal(1000, now_ms=T, historical_after_ms=10**9, live=True)) is not None:
+        values += [r.value for r in wire.decode_data(m.payload).readings]
+    assert values[0] == 1 and values[-1] == 999
 
 
 def test_alarm_events_are_flagged_historical_one_by_one(tmp_path: Path) -> None:
@@ -264,7 +293,7 @@ def test_readings_taken_while_the_first_connection_was_made_are_live(tmp_path: P
     s = Spool(tmp_path / "s.db")
     s.start_session(CAT, T)
     s.append(1, [Reading(0, T - 120_000, 1)])  # an outage's reading: backlog
-    s.append(1, [Reading(0, T - 500, 2)])  # polled half a second before the connection came up: live
+    s.store([(1, [Reading(0, T - 500, 2)])], [], now_ms=T)  # polled half a second before the connection came up: live
     assert s.mark_backlog(older_than_ms=T - 60_000) == 1
     live = wire.decode_data(s.seal(100, now_ms=T, historical_after_ms=60_000, live=True).payload)
     assert ([r.value for r in live.readings], live.historical) == ([2], False)
@@ -272,59 +301,3 @@ def test_readings_taken_while_the_first_connection_was_made_are_live(tmp_path: P
     assert ([r.value for r in old.readings], old.historical) == ([1], True)
 
 
-def test_a_version_2_spool_gains_the_dead_letter_table_and_keeps_its_messages_and_seqs(tmp_path: Path) -> None:
-    """Version 2 (the release before dead letters) is version 3 without that table: an upgrade must not
-    run the version-1 steps again (it did: "duplicate column name: next_seq", and the spool stayed shut)."""
-    db = tmp_path / "s.db"
-    s = Spool(db)
-    session = s.start_session(CAT, T)
-    s.append(session, [Reading(0, T, 1), Reading(0, T + 1, 2)])
-    sealed = s.seal(10, now_ms=T, historical_after_ms=60_000)
-    s.close()
-    con = sqlite3.connect(db)
-    con.executescript("DROP TABLE dead_letters; PRAGMA user_version = 2;")
-    con.close()
-    s = Spool(db)
-    assert [m.seq for m in s.unsent()] == [sealed.seq]
-    s.append(session, [Reading(0, T + 2, 3)])
-    assert s.seal(10, now_ms=T, historical_after_ms=60_000).seq == sealed.seq + 1
-    s.rejected(sealed.id, "0x87 not authorised")
-    assert s.dead_letters() and s.dead_letters()[0][3] == "0x87 not authorised"
-    s.close()
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 3
-
-
-def test_a_spool_from_a_later_release_is_refused_not_rewritten(tmp_path: Path) -> None:
-    db = tmp_path / "s.db"
-    Spool(db).close()
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA user_version = 9")
-    con.close()
-    with pytest.raises(SpoolError, match="newer than this gateway"):
-        Spool(db)
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 9
-
-
-def test_a_version_1_spool_is_migrated_without_reusing_a_sequence_number(tmp_path: Path) -> None:
-    db = tmp_path / "s.db"
-    con = sqlite3.connect(db)
-    con.executescript("""
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-        CREATE TABLE sessions (session INTEGER PRIMARY KEY, catalogue BLOB NOT NULL, started_ms INTEGER NOT NULL);
-        CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, session INTEGER NOT NULL, ts INTEGER NOT NULL, n INTEGER NOT NULL, body BLOB NOT NULL);
-        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, session INTEGER NOT NULL, ts INTEGER NOT NULL, event BLOB NOT NULL);
-        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, seq INTEGER NOT NULL, session INTEGER NOT NULL,
-                               payload BLOB NOT NULL, UNIQUE (kind, seq));
-        INSERT INTO meta VALUES ('session', 2), ('next_seq', 41), ('next_alarm_seq', 5);
-        INSERT INTO sessions VALUES (1, x'80', 0), (2, x'80', 0);
-        INSERT INTO messages(kind, seq, session, payload) VALUES ('data', 40, 2, x'00');
-    """)
-    con.close()
-    s = Spool(db)
-    assert s.start_session(CAT, T) == 3
-    assert [m.seq for m in s.unsent()] == [40]  # the sealed message survives, to be re-sent
-    s.append(2, [Reading(0, T, 1)])
-    s.append(3, [Reading(0, T, 2)])
-    old = s.seal(10, now_ms=T, historical_after_ms=60_000)
-    new = s.seal(10, now_ms=T, historical_after_ms=60_000)
-    assert (old.session, old.seq) == (2, 41) and (new.session, new.seq) == (3, 1)

@@ -56,7 +56,7 @@ host = "127.0.0.1"
 port = {broker}
 tls = false
 [spool]
-path = "{state}/spool.db"
+path = "{state}/spool"
 [[buses]]
 name = "plc"
 type = "tcp"
