@@ -319,6 +319,37 @@ async def test_broker_restart_loses_nothing(private_mosquitto, tmp_path: Path) -
     assert not missing, f"messages lost across the broker restart: {sorted(missing)[:10]}"
 
 
+async def test_a_broker_that_comes_back_is_used_within_seconds_not_after_the_backoff(private_mosquitto, tmp_path: Path) -> None:
+    """Issue 12: while the broker is down its port is probed, and the gateway reconnects when it answers.
+    The backoff here is 20 s (≥ 10 s after the first failure, full jitter), so a gateway that only backed
+    off could not be back within 4 s of the broker."""
+    port = free_port()
+    server = SimServer([SimSlave(1)], tcp=("127.0.0.1", port))
+    await server.start()
+    body = f'[[buses]]\nname = "plc"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {port}\n\n' \
+           '[[devices]]\nname = "d"\nbus = "plc"\nunit = 1\ninterval_s = 0.1\n  [[devices.points]]\n  name = "a"\n  address = 0\n'
+    cfg = site(private_mosquitto.port, tmp_path, body, reconnect_s=20.0)
+    loop = asyncio.get_running_loop()
+    try:
+        async with running(Gateway(cfg)) as gw:
+            while gw.uplink is None or gw.uplink.acked < 3:
+                await asyncio.sleep(0.05)
+            private_mosquitto.stop()
+            while gw.uplink.connected:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.5)  # down long enough for the first backoff step to be chosen
+            acked = gw.uplink.acked
+            began = loop.time()
+            private_mosquitto.start()
+            while gw.uplink.acked == acked and loop.time() - began < 15:
+                await asyncio.sleep(0.02)
+            back_after = loop.time() - began
+    finally:
+        await server.stop()
+    assert gw.uplink.acked > acked, "the gateway never came back"
+    assert back_after < 4.0, f"first message {back_after:.1f} s after the broker came back: it waited out the backoff"
+
+
 async def test_consume_command_prints_json_and_flags_a_gap(mosquitto) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "consume", "--broker", f"127.0.0.1:{mosquitto.port}", "--duration", "4",

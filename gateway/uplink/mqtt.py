@@ -13,6 +13,7 @@ inbox one message at a time; whatever one message does, the next one is still re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -272,11 +273,37 @@ class Uplink:
                     self.down_since_ms = self.clock.time_ms()
                 self.connected = False
             delay = backoff.next()
+            await self._wait_to_reconnect(stop, delay)
+
+    async def _wait_to_reconnect(self, stop: asyncio.Event, delay: float) -> None:
+        """A broker that is down (nothing answers on its port) is probed with a bare TCP connect every half
+        second or so, and the gateway reconnects as soon as it answers: back within ~1 s of the broker, not
+        after a backoff that grew during the outage. A probe is one SYN, cheap for a broker host that stays
+        down. A broker that answers but refused us (credentials, TLS, a full broker) gets the full backoff:
+        probing could not tell when that is over."""
+        if await self._reachable():
             log.info("reconnecting to %s:%d in %.1fs", self.cfg.host, self.cfg.port, delay)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
+            return
+        log.info("broker %s:%d not answering; probing until it does", self.cfg.host, self.cfg.port)
+        began = self.clock.monotonic()
+        while not stop.is_set():
+            step = 0.5 if self.clock.monotonic() - began < 60 else 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), step * self.rng.uniform(0.5, 1.5))  # jitter: a fleet spreads out
+            if stop.is_set() or await self._reachable():
+                return
+
+    async def _reachable(self) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.cfg.host, self.cfg.port), 1.0)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     async def _listen(self, client: ReasonClient) -> None:
         """Commands to this gateway: each gets a reply; nothing the command says is trusted unchecked."""
