@@ -187,6 +187,25 @@ def cmd_ack(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """The messages the broker refused for good (MQTT 5 reason codes), newest first; read while the gateway runs."""
+    from .spool import read_dead_letters
+
+    cfg = _load_or_explain(args.config)
+    if cfg is None:
+        return 2
+    try:
+        letters = read_dead_letters(cfg.spool.path, args.limit)
+    except OSError as exc:
+        print(f"cannot read the dead letters in {cfg.spool.path}: {exc.strerror or exc} (run as the gateway's user)", file=sys.stderr)
+        return 1
+    if not letters:
+        print(f"no refused messages in {cfg.spool.path}")
+    for kind, session, seq, reason in letters:
+        print(f"{kind:<6} session {session} seq {seq}: {reason}")
+    return 0
+
+
 def cmd_send_ack(args: argparse.Namespace) -> int:
     """Platform side: send a signed (COSE_Sign1, Ed25519) acknowledgement over MQTT; print the gateway's reply."""
     import uuid
@@ -330,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by", default=os.environ.get("USER", "local"), help="who acknowledges (default: $USER)")
     s.set_defaults(func=cmd_ack)
 
+    s = sub.add_parser("dead-letters", help="list the messages the broker refused for good, newest first, with its reason")
+    s.add_argument("config", metavar="SITE.toml")
+    s.add_argument("--limit", type=int, default=20, help="how many (default: %(default)s)")
+    s.set_defaults(func=cmd_dead_letters)
+
     s = sub.add_parser("send-ack", help="platform side: send a signed acknowledgement to a gateway over MQTT",
                        description="Sign an acknowledgement with the platform's Ed25519 key (COSE_Sign1) and send it to one "
                                    "gateway; print its reply. The counter against replay is the time in microseconds.")
@@ -369,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lean import defer_unused_imports
+
+    defer_unused_imports()  # before anything imports paho
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     return args.func(args)

@@ -10,12 +10,15 @@ package into a read-only mapping.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import pkgutil
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any, ClassVar
 
@@ -180,32 +183,85 @@ class Kind:
     sample: str
 
 
-def scan_kinds(package: str, role: str) -> Mapping[str, Kind]:
-    """Every kind module in `package` (modules starting with "_" and modules without KIND are skipped)."""
-    found: dict[str, Kind] = {}
-    pkg = importlib.import_module(package)
+def _load_kind(module: ModuleType, role: str) -> Kind:
     label = role.lower()
+    name = module.KIND
+    classes = [
+        obj for attr, obj in vars(module).items()
+        if inspect.isclass(obj) and obj.__module__ == module.__name__ and attr.endswith(role)
+    ]
+    if len(classes) != 1:
+        raise TypeError(f"{label} kind module {module.__name__} must define exactly one *{role} class, found {len(classes)}")
+    config = getattr(module, "Config", None)
+    sample = getattr(module, "SAMPLE", None)
+    if config is None or not isinstance(sample, str):
+        raise TypeError(f"{label} kind module {module.__name__} must define Config and SAMPLE")
+    return Kind(name, module, config, classes[0], sample)
+
+
+def scan_kinds(package: str, role: str, *, lazy: bool = False) -> Mapping[str, Kind]:
+    """Every kind module in `package` (modules starting with "_" and modules without KIND are skipped).
+
+    `lazy`: a kind's module is imported when it is first looked up, not before (a site that uses no SMS
+    does not carry the modem code in memory); which modules are kinds is read from their source, a
+    top-level `KIND = "name"` line, and checked again when the module is imported."""
+    pkg = importlib.import_module(package)
+    if lazy:
+        return _LazyKinds(package, role, pkg.__path__)
+    found: dict[str, Kind] = {}
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{package}.{info.name}")
-        name = getattr(module, "KIND", None)
-        if name is None:
+        if getattr(module, "KIND", None) is None:
             continue
-        classes = [
-            obj for attr, obj in vars(module).items()
-            if inspect.isclass(obj) and obj.__module__ == module.__name__ and attr.endswith(role)
-        ]
-        if len(classes) != 1:
-            raise TypeError(f"{label} kind module {module.__name__} must define exactly one *{role} class, found {len(classes)}")
-        config = getattr(module, "Config", None)
-        sample = getattr(module, "SAMPLE", None)
-        if config is None or not isinstance(sample, str):
-            raise TypeError(f"{label} kind module {module.__name__} must define Config and SAMPLE")
-        if name in found:
-            raise TypeError(f"{label} kind {name!r} is declared by {found[name].module.__name__} and {module.__name__}")
-        found[name] = Kind(name, module, config, classes[0], sample)
+        kind = _load_kind(module, role)
+        if kind.name in found:
+            raise TypeError(f"{role.lower()} kind {kind.name!r} is declared by {found[kind.name].module.__name__} and {module.__name__}")
+        found[kind.name] = kind
     return MappingProxyType(dict(sorted(found.items())))
+
+
+_KIND_LINE = re.compile(r'^KIND\s*=\s*["\']([A-Za-z0-9_.-]+)["\']', re.MULTILINE)
+
+
+class _LazyKinds(Mapping[str, Kind]):
+    def __init__(self, package: str, role: str, path: Any) -> None:
+        self.package, self.role = package, role
+        self.modules: dict[str, str] = {}
+        for info in pkgutil.iter_modules(path):
+            if info.name.startswith("_"):
+                continue
+            spec = importlib.util.find_spec(f"{package}.{info.name}")
+            try:
+                source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
+            except OSError:
+                continue
+            m = _KIND_LINE.search(source)
+            if m is not None:
+                if m.group(1) in self.modules:
+                    raise TypeError(f"{role.lower()} kind {m.group(1)!r} is declared by two modules of {package}")
+                self.modules[m.group(1)] = f"{package}.{info.name}"
+        self.modules = dict(sorted(self.modules.items()))
+        self._loaded: dict[str, Kind] = {}
+
+    def __getitem__(self, name: str) -> Kind:
+        kind = self._loaded.get(name)
+        if kind is None:
+            module = importlib.import_module(self.modules[name])  # KeyError: no such kind
+            if getattr(module, "KIND", None) != name:
+                raise TypeError(f"{module.__name__} declares KIND {getattr(module, 'KIND', None)!r}, not {name!r}")
+            kind = self._loaded[name] = _load_kind(module, self.role)
+        return kind
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.modules
 
 
 def parse_kind_table(raw: Any, path: str, kinds: Mapping[str, Kind], label: str, error_type: type[FieldError]) -> Any:

@@ -34,10 +34,12 @@ backoff_max_s = {max(0.5, reconnect_s * 2)}
 {uplink_extra}
 
 [spool]
-path = "{tmp / 'spool.db'}"
+path = "{tmp / 'spool'}"
 
 {body}
 """
+    (tmp / "site.toml").write_text(text)  # for the CLI commands a test runs against the same site
+    (tmp / "site.toml").chmod(0o600)  # it sits in the state directory here, where every file is private
     return parse(text, str(tmp / "site.toml"), base=tmp)
 
 

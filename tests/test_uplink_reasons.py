@@ -10,6 +10,7 @@ import getpass
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -94,6 +95,13 @@ async def test_refused_messages_go_to_the_dead_letter_table_with_the_reason(acl_
     spool.close()
     assert len(letters) >= 3
     assert all(kind == "data" and "Not authorized (0x87)" in reason for kind, _, _, reason in letters), letters
+    # what the technician reads, without sqlite3 or the gateway's lock
+    shown = subprocess.run([sys.executable, "-m", "gateway.cli", "dead-letters", str(tmp_path / "site.toml"), "--limit", "2"],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("data ") and "Not authorized (0x87)" in line for line in lines), lines
+    assert f"seq {letters[0][2]}:" in lines[0]  # newest first
 
 
 @pytest.mark.parametrize("acl_broker", [("data", "death", "alarm", "alarms", "reply")], indirect=True)

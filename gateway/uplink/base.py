@@ -35,7 +35,7 @@ log = logging.getLogger("yujing.uplink")
 @cache
 def kinds() -> Mapping[str, Kind]:
     """Every uplink kind in this package, by name."""
-    return scan_kinds(__package__, "Uplink")
+    return scan_kinds(__package__, "Uplink", lazy=True)
 
 
 class LatestValues:
@@ -106,7 +106,7 @@ class UplinkContext:
 
 
 def build(config: Any, context: UplinkContext) -> Any:
-    for kind in kinds().values():
-        if type(config) is kind.config:
-            return kind.cls(config, context)
-    raise TypeError(f"{type(config).__name__} is not the Config of a known uplink kind")
+    kind = kinds().get(getattr(config, "kind", ""))
+    if kind is None or type(config) is not kind.config:
+        raise TypeError(f"{type(config).__name__} is not the Config of a known uplink kind")
+    return kind.cls(config, context)
