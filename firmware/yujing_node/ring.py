@@ -12,8 +12,16 @@ default) a file rewrite is copy-on-write and atomic at close, and costs one bloc
 a metadata commit; rewriting the middle of one big file would instead copy every later block of
 it (CTZ skip-lists are append-only).
 
-A slot file holds one block:
-    magic u16 "YR" | version u8 | count u8 | bseq u32 | crc32 u32 | count x 20-byte records
+A slot file holds one block, packed (version 2): the records are 20 bytes in RAM (the stage, the RTC
+image) but go to flash as what they hold, 3-6 bytes for a typical reading, so an offline hour programs a
+third of the bytes at the same loss bound (the readings of one block):
+    magic u16 "YR" | version u8 = 2 | count u8 | bseq u32 | crc32 u32 | block bytes u16 | count packed records
+    packed record: head u8 (bit 7: a new timestamp follows; bits 4-6: kind; bit 3: a quality byte follows;
+                   bits 0-2: value bytes - 1) | point u8 | [ts u64] | [quality u8] |
+                   [DEC: exp i8] | [INT, DEC: the value's low bytes, sign-extended on reading] | [FLOAT: f64]
+A block that would pack larger than it is (floats, each with a time of its own) is written as version 1.
+Packing works on the records' bytes only: no big integers (epoch milliseconds do not fit a 32-bit
+board's small ints), no allocation. Version 1 slots (whole 20-byte records) are still read.
 bseq is a block sequence number that never repeats; block b lives in slot b % blocks. On start
 the ring reads the slots: the newest valid block and the run of consecutive older ones are the
 contents; a block torn by a power cut fails its CRC and is not part of it. When the ring is full
@@ -38,9 +46,92 @@ except ImportError:  # CPython
 
 
 _MAGIC = const(0x5259)
-_VERSION = const(1)
+_VERSION = const(1)  # the RAM image (stage, RTC memory) and version 1 slot files: whole records
+_PACKED = const(2)  # slot files: packed records
 _HDR = const(12)
+_PHDR = const(14)  # packed header: the RAM header + the block size it was packed from
 _FMT = "<HBBII"
+_MAX_PACKED = const(24)  # a packed record's largest size (a FLOAT with a new ts and a quality)
+
+
+def _pack(src, count, dst, bsize):
+    """Pack `count` RAM records (at _HDR in src) into dst after a packed header; returns the length."""
+    o = _PHDR
+    last = -1
+    for i in range(count):
+        r = _HDR + i * REC
+        kind = src[r + 10]
+        same = last >= 0 and src[r : r + 8] == src[last : last + 8]
+        quality = src[r + 9]
+        n = 0
+        if kind == 3 or kind == 5:  # INT, DEC: the value's bytes without their sign extension
+            top = r + 19
+            fill = 0xFF if src[top] & 0x80 else 0
+            while top > r + 12 and src[top] == fill and (src[top - 1] & 0x80) == (fill & 0x80):
+                top -= 1
+            n = top - (r + 12) + 1
+        elif kind == 4:  # FLOAT
+            n = 8
+        dst[o] = (0 if same else 0x80) | (kind << 4) | (0x08 if quality else 0) | ((n - 1) & 7 if n else 0)
+        dst[o + 1] = src[r + 8]
+        o += 2
+        if not same:
+            dst[o : o + 8] = src[r : r + 8]
+            o += 8
+            last = r
+        if quality:
+            dst[o] = quality
+            o += 1
+        if kind == 5:
+            dst[o] = src[r + 11]
+            o += 1
+        if n:
+            dst[o : o + n] = src[r + 12 : r + 12 + n]
+            o += n
+    struct.pack_into("<HBBII", dst, 0, _MAGIC, _PACKED, count, 0, 0)
+    struct.pack_into("<H", dst, 12, bsize)
+    return o
+
+
+def _unpack(src, length, count, dst):
+    """Packed records (src[_PHDR:length]) back into RAM records at _HDR in dst; False if malformed."""
+    o = _PHDR
+    ts = -1
+    for i in range(count):
+        if o + 2 > length:
+            return False
+        head = src[o]
+        kind = (head >> 4) & 7
+        r = _HDR + i * REC
+        dst[r + 8] = src[o + 1]
+        o += 2
+        if head & 0x80:
+            if o + 8 > length:
+                return False
+            dst[r : r + 8] = src[o : o + 8]
+            ts = r
+            o += 8
+        elif ts < 0:
+            return False
+        else:
+            dst[r : r + 8] = dst[ts : ts + 8]
+        dst[r + 9] = 0
+        if head & 0x08:
+            dst[r + 9] = src[o]
+            o += 1
+        dst[r + 10] = kind
+        dst[r + 11] = 0
+        if kind == 5:
+            dst[r + 11] = src[o]
+            o += 1
+        n = 8 if kind == 4 else ((head & 7) + 1 if kind == 3 or kind == 5 else 0)
+        if o + n > length:
+            return False
+        fill = 0xFF if n and n < 8 and src[o + n - 1] & 0x80 else 0
+        for k in range(8):
+            dst[r + 12 + k] = src[o + k] if k < n else fill
+        o += n
+    return o == length
 
 
 class Ring:
@@ -53,6 +144,7 @@ class Ring:
             raise ValueError("ring: block of %d bytes holds %d records (1..255)" % (block_bytes, self.cap))
         self.stage = bytearray(block_bytes)
         self.rbuf = bytearray(block_bytes)
+        self.pbuf = bytearray(_PHDR + self.cap * _MAX_PACKED)  # a packed block, to and from flash
         self.rseq = 0  # which block rbuf holds (0: none)
         self.head = 1  # bseq of the block being filled (the stage)
         self.count = 0  # records in the stage
@@ -78,12 +170,31 @@ class Ring:
         return "%s/%s" % (self.path, slot)
 
     def _load(self, slot, buf):
-        """Read a slot file into buf; False when it is missing or has another size."""
+        """Read a slot file into buf as a RAM block image; False when it is missing, of another block size,
+        or does not unpack (a torn write)."""
         try:
             with open(self._slot_path(slot), "rb") as f:
-                return f.readinto(buf) == self.bsize and f.read(1) == b""
+                n = f.readinto(self.pbuf)
+                if f.read(1) != b"":
+                    return False
         except OSError:
             return False
+        p = self.pbuf
+        if n == self.bsize and p[2] == _VERSION:  # a version 1 slot: the RAM image itself
+            buf[:] = memoryview(p)[: self.bsize]
+            return True
+        if n < _PHDR or p[2] != _PACKED or struct.unpack_from("<H", p, 12)[0] != self.bsize:
+            return False
+        magic, _, count, bseq, crc = struct.unpack_from(_FMT, p, 0)
+        if magic != _MAGIC or count > self.cap:
+            return False
+        if binascii.crc32(memoryview(p)[_PHDR:n], binascii.crc32(memoryview(p)[:8])) & 0xFFFFFFFF != crc:
+            return False
+        if not _unpack(p, n, count, buf):
+            return False
+        struct.pack_into("<HBBI", buf, 0, _MAGIC, _VERSION, count, bseq)
+        struct.pack_into("<I", buf, 8, self._crc(buf, count))
+        return True
 
     def close(self):
         pass  # no file is kept open
@@ -125,12 +236,18 @@ class Ring:
             self.oldest = lost_block + 1
         if self.rseq == lost_block or self.rseq == head:
             self.rseq = 0
-        struct.pack_into("<HBBI", self.stage, 0, _MAGIC, _VERSION, self.count, head)
-        struct.pack_into("<I", self.stage, 8, self._crc(self.stage, self.count))
+        p = self.pbuf
+        n = _pack(self.stage, self.count, p, self.bsize)
+        struct.pack_into("<I", p, 4, head)
+        struct.pack_into("<I", p, 8, binascii.crc32(memoryview(p)[_PHDR:n], binascii.crc32(memoryview(p)[:8])) & 0xFFFFFFFF)
+        if n >= self.bsize:  # packing did not pay (floats, each with its own time): the block as it is
+            struct.pack_into("<HBBI", self.stage, 0, _MAGIC, _VERSION, self.count, head)
+            struct.pack_into("<I", self.stage, 8, self._crc(self.stage, self.count))
+            p, n = self.stage, self.bsize
         with open(self._slot_path(head % self.nblocks), "wb") as f:
-            f.write(self.stage)
+            f.write(memoryview(p)[:n])
         self.writes += 1
-        self.bytes_written += self.bsize
+        self.bytes_written += n
         self.dirty = False
 
     def _scan(self):

@@ -3,7 +3,7 @@
 import os
 
 from check import eq, run, true
-from yujing_node.records import INT, Batch
+from yujing_node.records import DEC, FALSE, FLOAT, INT, NULL, TRUE, Batch
 from yujing_node.ring import Ring
 
 PATH = "/ring"
@@ -68,7 +68,10 @@ def test_writes_whole_blocks_only_when_a_block_fills():
     fill(r, 0, 4)
     eq(r.writes, 0, "no flash write before the block is full")
     fill(r, 4, 1)
-    eq((r.writes, r.bytes_written), (1, BSIZE))
+    eq(r.writes, 1)
+    eq(r.bytes_written, flash_usage()[1], "what was written is the slot file, packed")
+    # five small readings, each with a timestamp of its own (the worst case for packing): under 2/3 of a block
+    true(r.bytes_written < BSIZE * 2 // 3, "packed: %d bytes" % r.bytes_written)
     fill(r, 5, 10)
     eq(r.writes, 3)
 
@@ -82,7 +85,8 @@ def test_wrap_drops_oldest_and_counts_it_file_stays_bounded():
     eq(r.pending(), BLOCKS * 5 + 2)
     fill(r, 102, 3)
     eq((r.pending(), r.dropped), (BLOCKS * 5, 100 - BLOCKS * 5 + 5))
-    eq(flash_usage(), (BLOCKS, BLOCKS * BSIZE), "never more than BLOCKS slot files of one block")
+    eq(flash_usage()[0], BLOCKS, "never more than BLOCKS slot files")
+    true(flash_usage()[1] <= BLOCKS * BSIZE, "each at most one block")
     eq(drain(r), list(range(105 - BLOCKS * 5, 105)))
 
 
@@ -156,6 +160,34 @@ def test_another_block_size_starts_afresh_fewer_blocks_remove_slots():
     r3 = Ring(PATH, 2, BSIZE)
     eq(sorted(os.listdir(PATH)), ["0", "1"])
     true(r3.pending() <= 10)
+
+
+def test_every_kind_packs_and_unpacks_exactly():
+    r = fresh()
+    b = Batch(5)
+    ts = 1_780_000_000_123
+    rows = [
+        (0, ts, INT, 0, -1, 0), (1, ts, INT, 0, 2**40 + 7, 0), (2, ts, DEC, -3, -1953384, 0),
+        (3, ts + 10_000, NULL, 0, 0, 0x81), (4, ts + 10_000, TRUE, 0, 0, 0),
+    ]
+    for point, t, kind, exp, value, quality in rows:
+        b.add(point, t, kind, exp, value, quality)
+    for i in range(5):
+        r.append(b.record(i))  # a full block: packed and written
+    b2 = Batch(5)
+    b2.add(5, ts, FLOAT, 0, -12.625)
+    b2.add(6, ts, FALSE)
+    b2.add(7, ts, INT, 0, -(2**63))
+    b2.add(8, ts, INT, 0, 2**63 - 1)
+    b2.add(9, ts, INT, 0, 127)
+    for i in range(5):
+        r.append(b2.record(i))
+    r.close()
+    r2 = Ring(PATH, BLOCKS, BSIZE)
+    got = Batch(10)
+    eq(r2.peek(got, 10), 10)
+    want = list(b.buf[: 5 * 20]) + list(b2.buf[: 5 * 20])
+    eq(list(got.buf[: 10 * 20]), want, "every byte of every record back as it was")
 
 
 run(globals())
