@@ -526,7 +526,7 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
             continue
         names[device.name] = i
         devices.append(device)
-    for kind in {id(k): k for k in driver_kinds().values()}.values():
+    for kind in {id(k): k for k in (driver_kinds()[b.kind] for b in buses.values())}.values():  # the types in use
         mine = [b for b in buses.values() if b.kind in kind.kinds]
         kind.check(mine, [(d.index, d) for d in devices if buses[d.bus].kind in kind.kinds], errors)
     if not raw_devices and isinstance(doc.get("devices", []), list):
