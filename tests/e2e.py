@@ -38,6 +38,7 @@ path = "{tmp / 'spool'}"
 
 {body}
 """
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "site.toml").write_text(text)  # for the CLI commands a test runs against the same site
     (tmp / "site.toml").chmod(0o600)  # it sits in the state directory here, where every file is private
     return parse(text, str(tmp / "site.toml"), base=tmp)

@@ -151,16 +151,23 @@ def test_kill_9_loses_nothing_committed_and_corrupts_nothing(tmp_path: Path) -> 
         assert set(range(last + 1)) <= present[session], f"session {session} lost acknowledged readings"
 
 
-def test_every_value_type_survives_the_spool(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_back", [False, True], ids=["held in memory", "read back from the log after a restart"])
+def test_every_value_type_time_and_quality_survives_the_spool(tmp_path: Path, read_back: bool) -> None:
     from decimal import Decimal
 
     s = Spool(tmp_path / "s.db")
     s.start_session(CAT, T)
     values = [True, False, None, 7, -7, 2**64 - 1, -(2**63), 1.5, 0.1, Decimal("1953.38"), Decimal("32.5")]
-    s.append(1, [Reading(i, T, v) for i, v in enumerate(values)])
-    got = [r.value for r in sorted(wire.decode_data(s.seal(100, now_ms=T, historical_after_ms=1).payload).readings)]
-    assert got == values
-    assert [type(v) for v in got[:3]] == [bool, bool, type(None)]
+    qualities = [0, 1, 0, 0x82, 7, 0, 0, 3, 0, 0, 0x84]
+    times = [T - 37 * i for i in range(len(values))]  # a poll's readings need not share a time
+    sent = [Reading(i, ts, v, q) for i, (ts, v, q) in enumerate(zip(times, values, qualities, strict=True))]
+    s.append(1, sent)
+    if read_back:
+        s.close()
+        s = Spool(tmp_path / "s.db")
+    got = sorted(wire.decode_data(s.seal(100, now_ms=T, historical_after_ms=10**6).payload).readings)
+    assert [(r.point, r.ts_ms, r.value, int(r.quality)) for r in got] == [(r.point, r.ts_ms, r.value, r.quality) for r in sent]
+    assert [type(r.value) for r in got[:3]] == [bool, bool, type(None)]
 
 
 def test_acknowledged_messages_are_not_resent_even_before_their_delete_commits(tmp_path: Path) -> None:
