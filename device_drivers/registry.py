@@ -55,26 +55,35 @@ def kinds() -> Mapping[str, DriverKind]:
 _KIND_LINE = re.compile(r"^KIND\s*=\s*(.+?)\s*(?:#.*)?$", re.MULTILINE)
 
 
+def declared_kinds(package: str, path: Any) -> dict[str, str]:
+    """Kind name → module name, for the modules of a package, read from their source (a top-level literal
+    `KIND = "name"` or a tuple of names) without importing them. Modules starting with "_" are skipped; a
+    name declared twice is a TypeError naming both modules. Shared with gateway.plugins."""
+    found: dict[str, str] = {}
+    for info in pkgutil.iter_modules(path):
+        if info.name.startswith("_"):
+            continue
+        spec = importlib.util.find_spec(f"{package}.{info.name}")
+        try:
+            source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
+        except OSError:
+            continue
+        m = _KIND_LINE.search(source)
+        if m is None:
+            continue
+        names = ast.literal_eval(m.group(1))
+        for name in (names,) if isinstance(names, str) else tuple(names):
+            if name in found:
+                raise TypeError(f"kind {name!r} is declared by {package}.{found[name]} and {package}.{info.name}")
+            found[name] = info.name
+    return found
+
+
 class _Lazy(Mapping[str, DriverKind]):
     def __init__(self, package: str, path: Any) -> None:
         self.package = package
-        self.modules: dict[str, str] = {}  # bus type → module name
+        self.modules = declared_kinds(package, path)  # bus type → module name
         self.loaded: dict[str, DriverKind] = {}  # module name → its kind
-        for info in pkgutil.iter_modules(path):
-            spec = importlib.util.find_spec(f"{package}.{info.name}")
-            try:
-                source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
-            except OSError:
-                continue
-            m = _KIND_LINE.search(source)
-            if m is None:
-                continue
-            names = ast.literal_eval(m.group(1))
-            for name in (names,) if isinstance(names, str) else tuple(names):
-                if name in self.modules:
-                    raise TypeError(f"bus type {name!r} is served by {self.package}.{self.modules[name]} and "
-                                    f"{self.package}.{info.name}")
-                self.modules[name] = info.name
 
     def __getitem__(self, name: str) -> DriverKind:
         module_name = self.modules[name]

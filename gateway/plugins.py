@@ -10,15 +10,12 @@ package into a read-only mapping.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import math
 import pkgutil
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any, ClassVar
 
@@ -222,27 +219,12 @@ def scan_kinds(package: str, role: str, *, lazy: bool = False) -> Mapping[str, K
     return MappingProxyType(dict(sorted(found.items())))
 
 
-_KIND_LINE = re.compile(r'^KIND\s*=\s*["\']([A-Za-z0-9_.-]+)["\']', re.MULTILINE)
-
-
 class _LazyKinds(Mapping[str, Kind]):
     def __init__(self, package: str, role: str, path: Any) -> None:
+        from device_drivers.registry import declared_kinds
+
         self.package, self.role = package, role
-        self.modules: dict[str, str] = {}
-        for info in pkgutil.iter_modules(path):
-            if info.name.startswith("_"):
-                continue
-            spec = importlib.util.find_spec(f"{package}.{info.name}")
-            try:
-                source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
-            except OSError:
-                continue
-            m = _KIND_LINE.search(source)
-            if m is not None:
-                if m.group(1) in self.modules:
-                    raise TypeError(f"{role.lower()} kind {m.group(1)!r} is declared by two modules of {package}")
-                self.modules[m.group(1)] = f"{package}.{info.name}"
-        self.modules = dict(sorted(self.modules.items()))
+        self.modules = {name: f"{package}.{module}" for name, module in sorted(declared_kinds(package, path).items())}
         self._loaded: dict[str, Kind] = {}
 
     def __getitem__(self, name: str) -> Kind:
