@@ -51,6 +51,11 @@ _HEADER = cborcheck.Policy(max_bytes=64, max_depth=1, max_items=8, max_string=32
 _PAYLOAD = cborcheck.Policy(max_bytes=MAX_COMMAND_BYTES, max_depth=1, max_items=32, max_string=256, canonical=True)
 
 
+# Every CommandRejected reason, here and in gateway.command_inbox: a fixed set, so a count by reason stays
+# bounded (gateway.metrics labels by it).
+REJECT_REASONS = ("size", "shape", "unauthorised", "target", "content", "retained", "stale", "replay", "storage")
+
+
 class CommandRejected(ValueError):
     """A command that is not carried out. `reason` is a short machine-readable word (size, shape,
     unauthorised, target, replay, stale, content), the message says what is wrong in plain words and never

@@ -258,6 +258,7 @@ class Spool:
         self._pending = bytearray()  # records queued by the current call, written with one os.write
         self._pending_seg: int | None = None
         self._acks: list[int] = []
+        self._t0_cache: dict[int, int] = {}  # message id → its oldest reading's time (summary())
         self._unsynced: set[int] = set()  # segments written since the last sync; -1: the directory
         self._state_dirty = False
         self.created = False
@@ -853,6 +854,41 @@ class Spool:
     def backlog(self) -> int:
         """Readings waiting: unsealed polls and historical messages."""
         return sum(p.n for p in self._polls) + self._backlog.readings
+
+    @_guarded
+    def summary(self) -> dict[str, int | None]:
+        """What waits to be sent, for metrics and a status page: `messages` sealed and not acknowledged,
+        `readings` in unsealed polls and unacknowledged data messages, `events` not yet sealed, the log's
+        `bytes`, and `oldest_ms`, the time of the oldest reading waiting (None when none waits). Reads at
+        most two message heads from the log; one it cannot read is left out (the uplink will meet it)."""
+        live = {mid: lv for mid, lv in self._live.items() if lv.kind == DATA}
+        candidates: list[int] = [self._polls[0].ts] if self._polls else []  # a poll's newest time: close enough
+        heads: list[tuple[int, int, int, int]] = []
+        if live:  # ids grow as messages are sealed: the smallest holds the oldest readings
+            first = min(live)
+            heads.append((first, live[first].seg, live[first].off, live[first].length))
+        for _, mid, _, no, off, length, _ in self._backlog.entries():
+            heads.append((mid, no, off, length))
+            break
+        for mid, no, off, length in heads:
+            t0 = self._t0_cache.get(mid)
+            if t0 is None:
+                try:
+                    body = self._read(no, off, length)
+                    _, _, _, _, _, clen = MSG_HEAD.unpack_from(body)
+                    t0 = cbor2.loads(body[MSG_HEAD.size + clen :])[wire.K_T0]
+                except (SpoolError, OSError, ValueError, LookupError, TypeError, struct.error):
+                    continue
+                self._t0_cache = {m: t for m, t in self._t0_cache.items() if m in {h[0] for h in heads}}
+                self._t0_cache[mid] = t0
+            candidates.append(t0)
+        return {
+            "messages": len(self._live) + len(self._backlog),
+            "readings": sum(p.n for p in self._polls) + self._backlog.readings + sum(lv.count for lv in live.values()),
+            "events": len(self._events),
+            "bytes": sum(s.size for s in self._segments.values()) + len(self._pending),
+            "oldest_ms": min(candidates) if candidates else None,
+        }
 
     @_guarded
     def mark_backlog(self, *, older_than_ms: int | None = None) -> int:

@@ -26,6 +26,7 @@ start, message for message, and then removed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -469,6 +470,13 @@ class Storage:
         return self._pending_readings
 
     @property
+    def oldest_pending_ms(self) -> int | None:
+        """The time of the oldest reading held in memory, not yet written to the spool (None when none is)."""
+        with self._mem:
+            poll = self._polls[0][1] if self._polls else None
+        return min((r.ts_ms for r in poll), default=None) if poll else None
+
+    @property
     def events_waiting(self) -> int:
         return len(self._events) + (self.spool.events_waiting if self.spool is not None else 0)
 
@@ -552,6 +560,19 @@ class Storage:
             if exc.corrupt:
                 self._replace(exc)
             raise
+
+    def query(self, fn: Callable[[Spool], R]) -> concurrent.futures.Future[R]:
+        """`fn(spool)` on the storage thread, in order, without waiting for it (from any thread): for a status
+        probe or metrics, which must never make the event loop wait on the spool's lock or a disk. The future
+        raises SpoolError when the spool is not open; a failure here never replaces the spool (the uplink's
+        calls do that). Raises RuntimeError once storage is closed."""
+        return self._executor.submit(self._job, self._query, fn)
+
+    def _query(self, fn: Callable[[Spool], R]) -> R:
+        spool = self.spool
+        if spool is None:
+            raise SpoolError(f"spool {self.path} is not open ({self._failure})")
+        return fn(spool)
 
     def delivered(self, message_id: int) -> None:
         """The broker acknowledged a message (from the event loop; recorded in order on the thread)."""

@@ -62,6 +62,7 @@ class _Slot:
         self.fault: str | None = None
         self.attempts = 0  # writes or runs started
         self.failures = 0  # consecutive failures
+        self.failed = 0  # failed writes or runs, in all
 
 
 class _Output(_Slot):
@@ -202,10 +203,10 @@ class ActionController:
         out: dict[str, dict[str, Any]] = {}
         for o in self._outputs:
             out[o.name] = {"target": o.action.target, "desired": o.desired, "applied": o.applied, "attempts": o.attempts,
-                           "failures": o.failures, "latency_s": o.latency_s, "fault": o.fault}
+                           "failures": o.failures, "failed": o.failed, "latency_s": o.latency_s, "fault": o.fault}
         for p in self._programs:
             out[p.name] = {"target": p.action.target, "pending": len(p.pending), "dropped": p.dropped, "attempts": p.attempts,
-                           "failures": p.failures, "fault": p.fault}
+                           "failures": p.failures, "failed": p.failed, "fault": p.fault}
         return out
 
     # -- workers --------------------------------------------------------------------------------------
@@ -284,6 +285,7 @@ class ActionController:
         now = self.clock.monotonic()
         out.applied = None
         out.failures += 1
+        out.failed += 1
         delay = min(self.backoff_min_s * 2 ** min(out.failures - 1, 30), self.backoff_max_s)
         out.next_at = now + delay if out.desired == want else now
         self._raise(out, error, retry_s=delay)
@@ -300,10 +302,12 @@ class ActionController:
                 await p.action.fire(t)
             except ActuatorError as exc:
                 p.failures += 1
+                p.failed += 1
                 self._raise(p, str(exc))
             except Exception as exc:
                 _log.exception("action %s: %s: unexpected error", p.name, p.action.target)
                 p.failures += 1
+                p.failed += 1
                 self._raise(p, f"{p.action.target}: {type(exc).__name__}: {exc}")
             else:
                 p.failures = 0

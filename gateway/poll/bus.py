@@ -22,12 +22,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from device_drivers.base import DeviceError, Driver, TransportError
 from gateway.clock import Clock
 from gateway.config import BusConfig, DeviceConfig, PollGroup
+from gateway.histogram import TRANSACTION_BOUNDS, Histogram
 from gateway.model import Quality, Reading, Value
 
 log = logging.getLogger("yujing.poll")
@@ -53,6 +54,18 @@ class DevicePoller:
     probe_gap: float = 0.0
     polls: int = 0
     last_poll_ms: int | None = None
+    # Counted per poll, for gateway.metrics (read when scraped): readings made, the not-good ones by quality
+    # code, and polls (or pushed batches) in which nothing answered.
+    readings: int = 0
+    bad: dict[int, int] = field(default_factory=dict)
+    unanswered: int = 0
+
+    def count(self, n: int, bad: list[int]) -> None:
+        self.readings += n
+        if bad:
+            tally = self.bad
+            for q in bad:
+                tally[q] = tally.get(q, 0) + 1
 
 
 @dataclass
@@ -83,6 +96,7 @@ class BusScheduler:
         self.jobs = [_Job(p, g) for p in self.pollers if driver.polled(p.config) for g in p.config.poll_groups()]
         self.pushed = [p for p in self.pollers if not driver.polled(p.config)]
         self.transactions = 0
+        self.latency = Histogram(TRANSACTION_BOUNDS)  # seconds per transaction, real time (gateway.metrics)
         self._last_io = float("-inf")
         self._transport_gap = 0.0
         self._writes: deque[tuple[str, int, int, int | bool, asyncio.Future[None]]] = deque()
@@ -109,11 +123,12 @@ class BusScheduler:
         await self._pace()
         try:
             self.transactions += 1
-            self.busy_since = self.liveness()
+            self.busy_since = began = self.liveness()
             return await call()
         finally:
             self._last_io = self.clock.monotonic()
             self.busy_since = None
+            self.latency.observe(self.liveness() - began)
 
     async def pause(self, seconds: float) -> None:
         await self.clock.sleep(seconds)
@@ -233,6 +248,8 @@ class BusScheduler:
         ts = self.clock.time_ms()
         now = self.clock.monotonic()
         if p.state is DeviceState.OFFLINE and now < p.next_probe:
+            p.readings += len(points)
+            p.bad[Quality.OFFLINE] = p.bad.get(Quality.OFFLINE, 0) + len(points)
             self.sink([Reading(p.base + j, ts, None, Quality.OFFLINE) for j in points])
             return
         p.polls += 1
@@ -246,6 +263,7 @@ class BusScheduler:
             self._transport_gap = 0.0
         p.last_poll_ms = ts
         self._update_state(p, answered, now)
+        p.count(len(results), [q for _, q in results if q])
         self.sink([Reading(p.base + j, ts, *r) for j, r in zip(points, results)])
 
     def _deliver(self, device: str, readings: Sequence[tuple[int, int, Value, int]]) -> None:
@@ -256,6 +274,7 @@ class BusScheduler:
         answered = any(q == Quality.GOOD for _, _, _, q in readings)
         p.last_poll_ms = max(ts for _, ts, _, _ in readings)
         self._update_state(p, answered, self.clock.monotonic())
+        p.count(len(readings), [q for _, _, _, q in readings if q])
         self.sink([Reading(p.base + j, ts, value, quality) for j, ts, value, quality in readings])
 
     async def _transport_down(self, exc: TransportError) -> None:
@@ -271,6 +290,7 @@ class BusScheduler:
             p.probe_gap = 0.0
         else:
             p.failures += 1
+            p.unanswered += 1
             if p.failures >= p.config.offline_after:
                 p.state = DeviceState.OFFLINE
                 # probe less and less often, but never less often than backoff_max_s (or one interval)

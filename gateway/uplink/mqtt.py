@@ -15,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import re
+import socket
 import ssl
+import time
 from contextvars import ContextVar
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ import aiomqtt
 from gateway import wire
 from gateway.clock import Clock
 from gateway.config import UplinkConfig
+from gateway.histogram import PUBLISH_BOUNDS, Histogram
 from gateway.spool import Message, Spool, SpoolError
 from gateway.storage import Storage
 
@@ -127,6 +132,37 @@ def make_client(cfg: UplinkConfig, will: aiomqtt.Will | None, *, client_id: str 
     return client
 
 
+_ERRNO = re.compile(r"^\[Errno -?\d+\] ")
+
+# What to look at, for the reasons a site's first start usually hits.
+_HINTS = {
+    "Connection refused": "the host answers but nothing listens on that port: is the broker running, is uplink.port right?",
+    "Name or service not known": "the host name does not resolve: check uplink.host and the gateway's DNS",
+    "Temporary failure in name resolution": "no DNS answer: is the network up?",
+    "No route to host": "check the network link and uplink.host",
+    "Network is unreachable": "no network: check the link (cable, modem, APN)",
+}
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Why a connection to the broker failed, in the same words whichever path found out (the MQTT client's
+    connect or a bare TCP probe), so that a reason that does not change compares equal and is said once."""
+    if isinstance(exc, socket.gaierror):  # (an OSError whose errno is negative: its own strerror says it)
+        return exc.strerror or str(exc)
+    if isinstance(exc, TimeoutError) or str(exc) == "timed out":
+        return "no answer (timed out)"
+    errno = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and isinstance(errno, int) and errno > 0:
+        return os.strerror(errno)
+    # aiomqtt passes the OSError on as text ("[Errno 111] Connection refused"); asyncio joins one per address of
+    # the host ("Multiple exceptions: [Errno 111] Connect call failed ('::1', …), [Errno 111] …")
+    text = str(exc)
+    codes = set(re.findall(r"\[Errno (\d+)\]", text))
+    if len(codes) == 1:
+        return os.strerror(int(codes.pop()))
+    return _ERRNO.sub("", text) or type(exc).__name__
+
+
 class Backoff:
     """Exponential backoff with full jitter, so a fleet does not reconnect in lockstep after a broker restart."""
 
@@ -203,13 +239,17 @@ class Uplink:
         self.down_since_ms: int | None = clock.time_ms()  # None while connected (other uplinks may look)
         self.published = 0
         self.acked = 0
+        self.last_acked_ms: int | None = None  # when the broker last took a spooled message (the status page)
         self.rejected = 0  # messages the broker refused for good: in the spool's dead-letter table
         self.deferred = 0
+        self.connects = 0  # connections made (the first, then every reconnect)
+        self.publish_latency = Histogram(PUBLISH_BOUNDS)  # spooled message: publish → PUBACK, real seconds
         self._refused_why: dict[str, str] = {}  # message kind → why the broker refuses it
         self._alarm_state: bytes | None = None  # latest retained snapshot to publish
         self._alarm_state_sent: bytes | None = None
         self._bucket = TokenBucket(cfg.drain_rate, clock)
         self._storage_error: str | None = None
+        self._down_why: str | None = None  # why the broker cannot be reached, as last logged
 
     def _refusing(self, kind: str, why: str | None, *, kept: bool = True) -> None:
         """Report a broker that refuses a kind of message (an ACL, a topic limit) once, and its end once."""
@@ -248,7 +288,9 @@ class Uplink:
             try:
                 async with make_client(self.cfg, will) as client:
                     self.connected = True
+                    self.connects += 1
                     self.down_since_ms = None
+                    self._down_why = None
                     backoff.reset()
                     older = self.clock.time_ms() - self.historical_after_ms
                     backlog = await self._spool(lambda s: s.mark_backlog(older_than_ms=older), 0)
@@ -266,27 +308,44 @@ class Uplink:
                 exc = group.exceptions[0]
                 if self.connected:
                     log.warning("broker %s:%d lost: %s", self.cfg.host, self.cfg.port, exc)
+                    fresh = True
                 else:
-                    log.debug("broker %s:%d unreachable: %s", self.cfg.host, self.cfg.port, exc)
+                    fresh = self._unreachable(exc)
             finally:
                 if self.connected:
                     self.down_since_ms = self.clock.time_ms()
                 self.connected = False
             delay = backoff.next()
-            await self._wait_to_reconnect(stop, delay)
+            await self._wait_to_reconnect(stop, delay, say=fresh)
 
-    async def _wait_to_reconnect(self, stop: asyncio.Event, delay: float) -> None:
+    def _unreachable(self, exc: BaseException) -> bool:
+        """Say why the broker cannot be reached, once per reason: the same one on every attempt of a long outage
+        is said once, not every few seconds, and a new one (DNS works now, but the port is closed) is said
+        again. True when it was said."""
+        why = connect_failure(exc)
+        if why == self._down_why:
+            log.debug("broker %s:%d: cannot connect: %s", self.cfg.host, self.cfg.port, why)
+            return False
+        self._down_why = why
+        hint = _HINTS.get(why)
+        log.warning("broker %s:%d: cannot connect: %s%s; trying again until it works", self.cfg.host, self.cfg.port, why,
+                    f" ({hint})" if hint else "")
+        return True
+
+    async def _wait_to_reconnect(self, stop: asyncio.Event, delay: float, *, say: bool = True) -> None:
         """A broker that is down (nothing answers on its port) is probed with a bare TCP connect every half
         second or so, and the gateway reconnects as soon as it answers: back within ~1 s of the broker, not
         after a backoff that grew during the outage. A probe is one SYN, cheap for a broker host that stays
         down. A broker that answers but refused us (credentials, TLS, a full broker) gets the full backoff:
         probing could not tell when that is over."""
+        # `say`: a new reason was just logged; each further attempt for the same reason goes to DEBUG only.
+        level = logging.INFO if say else logging.DEBUG
         if await self._reachable():
-            log.info("reconnecting to %s:%d in %.1fs", self.cfg.host, self.cfg.port, delay)
+            log.log(level, "reconnecting to %s:%d in %.1fs", self.cfg.host, self.cfg.port, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             return
-        log.info("broker %s:%d not answering; probing until it does", self.cfg.host, self.cfg.port)
+        log.log(level, "broker %s:%d not answering; probing until it does", self.cfg.host, self.cfg.port)
         began = self.clock.monotonic()
         while not stop.is_set():
             step = 0.5 if self.clock.monotonic() - began < 60 else 1.0
@@ -298,7 +357,8 @@ class Uplink:
     async def _reachable(self) -> bool:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(self.cfg.host, self.cfg.port), 1.0)
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError) as exc:
+            self._unreachable(exc)  # the reason may change while probing (the host resolves again, the port is closed)
             return False
         writer.close()
         with contextlib.suppress(OSError):
@@ -394,6 +454,7 @@ class Uplink:
         failure: list[BaseException] = []
 
         async def send(m: Message) -> None:
+            began = time.monotonic()
             try:
                 refused = await client.publish_acked(self.topic(m.kind), m.payload, qos=1)
             except aiomqtt.MqttError as exc:
@@ -402,6 +463,8 @@ class Uplink:
                 return
             if refused is None:
                 self.acked += 1
+                self.publish_latency.observe(time.monotonic() - began)
+                self.last_acked_ms = self.clock.time_ms()
                 self.storage.delivered(m.id)
                 self._refusing(m.kind, None)
                 sent.discard(m.id)
