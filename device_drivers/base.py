@@ -30,6 +30,38 @@ class TransportError(Exception):
     """The port or connection is unavailable; the whole bus backs off."""
 
 
+def serial_open_failure(port: str, exc: BaseException | None = None) -> str:
+    """`cannot open PORT: <the OS's reason> (<what to do>)`, for a serial port that does not open.
+
+    `exc` is the error the open raised, if the library passed it on (pyserial's carries the errno); without
+    one (pymodbus only says it failed), the port is opened here once to ask the OS why."""
+    import errno as E
+    import os
+
+    code = getattr(exc, "errno", None) if exc is not None else None
+    if not isinstance(code, int) or code <= 0:
+        try:
+            os.close(os.open(port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK))
+        except OSError as probe:
+            code = probe.errno
+        else:
+            code = None
+    if not code:
+        detail = str(exc) if exc is not None and str(exc) else "the port opened when tried again; it may be flaky or in use"
+        return f"cannot open {port}: {detail}"
+    gone = "the device is gone: unplugged, or its driver is not loaded (dmesg | tail)"
+    group = ("add the gateway's user to the dialout group: sudo usermod -aG dialout USER, then log in again or restart "
+             "the service")
+    busy = f"another program holds it: fuser -v {port}"
+    hints = {
+        E.ENOENT: f"is the adapter plugged in, is {port} its name? ls -l /dev/serial/by-id lists the adapters there are",
+        E.ENODEV: gone, E.ENXIO: gone, E.EACCES: group, E.EPERM: group, E.EBUSY: busy, E.EAGAIN: busy,
+        E.EISDIR: "a directory, not a serial port: check the bus's port",
+    }
+    hint = hints.get(code)
+    return f"cannot open {port}: {os.strerror(code)}" + (f" ({hint})" if hint else "")
+
+
 class DeviceError(Exception):
     """A read failed with a device-side cause; `quality` says which (timeout, CRC, Modbus exception…)."""
 

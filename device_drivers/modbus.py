@@ -18,7 +18,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from .base import DeviceError, TransportError
+from .base import DeviceError, TransportError, serial_open_failure
 from .model import Quality, modbus_exception_quality
 
 from .registers import Table
@@ -107,9 +107,14 @@ class ModbusTransport:
         try:
             ok = await self._client.connect()
         except (OSError, ModbusException) as exc:
-            raise TransportError(f"{self.name}: cannot open: {exc}") from exc
+            if isinstance(self.settings, SerialSettings):
+                raise TransportError(f"{self.name}: {serial_open_failure(self.settings.port, exc)}") from exc
+            raise TransportError(f"{self.name}: cannot connect to {self._where()}: {exc}") from exc
         if not ok:
-            raise TransportError(f"{self.name}: cannot open {self._where()}")
+            # pymodbus does not say why; for a serial port the OS is asked (missing adapter? the dialout group?)
+            if isinstance(self.settings, SerialSettings):
+                raise TransportError(f"{self.name}: {serial_open_failure(self.settings.port)}")
+            raise TransportError(f"{self.name}: cannot connect to {self._where()}")
 
     def _where(self) -> str:
         s = self.settings

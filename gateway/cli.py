@@ -31,7 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
         try:
-            cfg = load(path)
+            cfg = load(path, writable_state=True)  # a state directory `run` could not create fails the check too
         except ConfigError as exc:
             for line in exc.lines():
                 print(line, file=sys.stderr)
@@ -57,12 +57,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
-def _load_or_explain(path: str):  # type: ignore[no-untyped-def]
-    """The site configuration, or None after printing every problem (file:line: key: what is wrong)."""
+def _load_or_explain(path: str, *, writable_state: bool = False):  # type: ignore[no-untyped-def]
+    """The site configuration, or None after printing every problem (file:line: key: what is wrong).
+    `writable_state`: for the command that runs the gateway, whose user must be able to create its state directory."""
     from .config import ConfigError, load
 
     try:
-        return load(path)
+        return load(path, writable_state=writable_state)
     except ConfigError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)
@@ -72,7 +73,7 @@ def _load_or_explain(path: str):  # type: ignore[no-untyped-def]
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import Gateway, StartupError, run_until_signalled
 
-    cfg = _load_or_explain(args.config)
+    cfg = _load_or_explain(args.config, writable_state=True)
     if cfg is None:
         return 2
 
@@ -185,6 +186,69 @@ def cmd_ack(args: argparse.Namespace) -> int:
         return 0
     print(reply.get("message", reply), file=sys.stdout if reply.get("ok") else sys.stderr)
     return 0 if reply.get("ok") else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The site at a glance, from the running gateway through its control socket (works with the uplink down)."""
+    from .alarms import control_request
+    from .status_text import render
+
+    cfg = _load_or_explain(args.config)
+    if cfg is None:
+        return 2
+    sock = cfg.state_dir / "control.sock"
+    try:
+        reply = asyncio.run(control_request(sock, {"overview": True}, timeout=10.0))
+    except (OSError, TimeoutError, ValueError) as exc:
+        print(f"cannot reach the gateway at {sock}: {exc} (is `yujing run {args.config}` running, as this user?)", file=sys.stderr)
+        return 1
+    if not reply.get("ok") or "overview" not in reply:
+        print(f"the gateway did not answer with an overview: {reply.get('message', reply)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply["overview"], ensure_ascii=False, indent=2))
+    else:
+        print(render(reply["overview"], colour=sys.stdout.isatty()))
+    return 0
+
+
+def cmd_status_user(args: argparse.Namespace) -> int:
+    """Add or replace a user who may acknowledge from the status page (the password is asked, never shown)."""
+    import getpass
+    from pathlib import Path
+
+    from .web import users
+
+    path = Path(args.file)
+    try:
+        known = users.load(path) if path.exists() else {}
+    except users.UsersFileError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.remove:
+        if known.pop(args.name, None) is None:
+            print(f"{path}: no user {args.name!r}", file=sys.stderr)
+            return 1
+        users.save(path, known)
+        print(f"{path}: removed {args.name}")
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("the passwords differ; nothing changed", file=sys.stderr)
+            return 1
+    existed = args.name in known
+    try:
+        known[args.name] = users.make_user(args.name, password)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    users.save(path, known)
+    print(f"{path}: {'replaced' if existed else 'added'} {args.name} (mode 0600); "
+          f"set [status] users_file = \"{path}\" in the site file")
+    return 0
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -305,9 +369,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _mqtt_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--broker", required=True, metavar="HOST:PORT", help="the MQTT broker, e.g. 127.0.0.1:1883 (8883 with --tls)")
-    s.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version (default: %(default)s)")
-    s.add_argument("--username")
+    s.add_argument("--broker", required=True, metavar="HOST:PORT",
+                   help="the MQTT broker to connect to, e.g. 127.0.0.1:1883 (port 8883 with --tls); required, there is "
+                        "no default (`yujing demo` prints its broker's)")
+    s.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                   help="MQTT version: 5, or 3.1.1 for an older broker (default: %(default)s)")
+    s.add_argument("--username", help="MQTT username (default: none, an anonymous connection)")
     s.add_argument("--password-file", help="a file holding the password (never on the command line)")
     s.add_argument("--tls", action="store_true", help="TLS, verified against the system CAs or --ca-file")
     s.add_argument("--ca-file", help="CA certificate to verify the broker with (implies --tls)")
@@ -334,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "event (stdout); gaps, duplicates and rejected messages go to stderr. Reconnects by "
                                    "itself with a persistent session, so nothing queued is missed across a broker restart.")
     _mqtt_options(s)
-    s.add_argument("--topic", default="yujing/v1/#", metavar="FILTER", help="topic filter (default: %(default)s)")
+    s.add_argument("--topic", default="yujing/v1/#", metavar="FILTER",
+                   help="MQTT topic filter: what to subscribe to (default: %(default)s, every site and gateway under "
+                        "the default topic_prefix; e.g. yujing/v1/KM-RES-01/# for one site)")
     s.add_argument("--share", metavar="GROUP", help="MQTT 5 shared subscription group: consumers in one group split the stream")
     s.add_argument("--client-id", help="MQTT client id; give a fixed one to keep the session across restarts of this command")
     s.add_argument("--session-expiry", type=int, default=3600, metavar="S",
@@ -348,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rule", nargs="?", metavar="RULE")
     s.add_argument("--by", default=os.environ.get("USER", "local"), help="who acknowledges (default: $USER)")
     s.set_defaults(func=cmd_ack)
+
+    s = sub.add_parser("status", help="the site at a glance from the running gateway: devices, values, alarms, spool, uplink")
+    s.add_argument("config", metavar="SITE.toml")
+    s.add_argument("--json", action="store_true", help="the overview as JSON, for scripts")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("status-user", help="add, replace or remove a user who may acknowledge alarms on the status page")
+    s.add_argument("file", metavar="USERS_FILE", help="the [status] users_file (created 0600 if missing)")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--remove", action="store_true", help="remove NAME")
+    s.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin (scripts)")
+    s.set_defaults(func=cmd_status_user)
 
     s = sub.add_parser("dead-letters", help="list the messages the broker refused for good, newest first, with its reason")
     s.add_argument("config", metavar="SITE.toml")

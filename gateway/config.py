@@ -7,14 +7,16 @@ so a technician fixes a broken file in one pass. Components receive typed, froze
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_drivers.base import Device
 from device_drivers.fields import ID_HINT, ID_RE, NUMBER, Problem, Reader, non_negative, positive
@@ -22,6 +24,11 @@ from device_drivers.registry import kinds as driver_kinds
 
 from .model import PointInfo
 from .wire import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from .plugins import FieldError
+
+log = logging.getLogger("yujing.config")
 
 __all__ = ["BusConfig", "Config", "ConfigError", "DeviceConfig", "PollGroup", "Problem", "Season", "load", "parse"]
 
@@ -80,6 +87,18 @@ class SpoolConfig:
     path: Path  # a directory: the segment log (gateway/spool.py)
     max_bytes: int = 256 * 1024 * 1024
     power_cut_window_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """The local status page (gateway/web): where it listens, who may acknowledge from it."""
+
+    host: str | None = "127.0.0.1"  # None: no status page
+    port: int = 8780
+    users_file: Path | None = None  # without it the page shows everything and acknowledges nothing
+    trend_hours: float = 2.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +162,7 @@ class Config:
     rules: tuple[Any, ...] = field(default=())  # gateway.rules configs, validated against the catalogue
     actions: tuple[Any, ...] = field(default=())  # gateway.actions configs
     uplinks: tuple[Any, ...] = field(default=())  # gateway.uplink kinds beside the platform's ([[uplinks]])
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def point_index(self) -> dict[tuple[str, str], int]:
         return {(p.device, p.name): i for i, p in enumerate(self.catalogue)}
@@ -333,12 +353,86 @@ def _check_secret(r: Reader, name: str, path: Path) -> None:
         r.error(name, problem)
 
 
+def _status(r: Reader, base: Path) -> StatusConfig:
+    listen = r.get("listen", str, "127.0.0.1:8780")
+    host: str | None = None
+    port = 0
+    if listen is not None and listen.strip().lower() not in ("", "off"):
+        h, sep, p = listen.rpartition(":")
+        h = h.strip("[]")
+        try:
+            port = int(p)
+            if not sep or not 0 <= port <= 65535:
+                raise ValueError
+            if h not in ("localhost", "*"):
+                ipaddress.ip_address(h)
+        except ValueError:
+            r.error("listen", f"{listen!r}: expected ADDRESS:PORT, e.g. \"127.0.0.1:8780\" (this machine only), "
+                              "\"192.168.1.10:8780\" (one LAN address), \"0.0.0.0:8780\" (every address), or \"off\"")
+        else:
+            host = "0.0.0.0" if h == "*" else h
+    users = _resolve(base, r.get("users_file", str, None))
+    if users is not None:
+        if not users.is_file():
+            r.error("users_file", f"{users} does not exist (make it with: yujing status-user {users} NAME)")
+        else:
+            _check_secret(r, "users_file", users)
+    hours = r.get("trend_hours", NUMBER, 2.0, check=lambda v: 0.1 <= v <= 48, hint="0.1 .. 48 hours")
+    cert = _resolve(base, r.get("tls_cert_file", str, None))
+    key = _resolve(base, r.get("tls_key_file", str, None))
+    if (cert is None) != (key is None):
+        r.error("tls_cert_file" if cert is None else "tls_key_file", "tls_cert_file and tls_key_file go together")
+    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+        if path is not None and not path.is_file():
+            r.error(name, f"{path} does not exist")
+    if key is not None and key.is_file():
+        _check_secret(r, "tls_key_file", key)
+    if host is not None and users is not None and cert is None and not _is_loopback(host):
+        log.warning("status page on %s without TLS: passwords for acknowledging cross the LAN in clear "
+                    "(set tls_cert_file and tls_key_file)", host)
+    r.finish()
+    return StatusConfig(host, port, users, float(hours or 2.0), cert, key)
+
+
 def _spool(r: Reader, base: Path) -> SpoolConfig:
     path = _resolve(base, r.get("path", str, "state/spool"))
     max_bytes = r.get("max_bytes", int, 256 * 1024 * 1024, check=lambda v: v >= 1024 * 1024, hint="at least 1048576 (1 MiB)")
     window = r.get("power_cut_window_s", NUMBER, 5.0, check=lambda v: 0 <= v <= 60, hint="0 (sync every write) .. 60 seconds")
     r.finish()
     return SpoolConfig(path or base / "state/spool", max_bytes, float(window))
+
+
+def state_dir_problem(spool: Path) -> str | None:
+    """Why this user could not create or write the state directory (the spool's parent) and the spool in it,
+    or None. The gateway creates both at start; `yujing check` and `yujing run` ask first, so that a site file
+    naming /var/lib/yujing fails the check for a user who may not write there, not the start with a traceback."""
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name  # who the permissions apply to ($USER may be someone else's)
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    state = spool.parent
+    fix = f"run it as the gateway's user, give this user the directory (sudo install -d -o {user} -m 0700 {state}), or set [spool] path"
+    where = state
+    while True:  # the nearest part of the path that exists: the rest is created under it
+        try:
+            mode = where.stat().st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if where.parent == where:
+                return None
+            where = where.parent
+        except OSError as exc:
+            return f"state directory {state}: cannot look at {where}: {exc.strerror}; {fix}"
+    if not stat.S_ISDIR(mode):
+        return f"state directory {state} cannot be created: {where} is a file, not a directory"
+    if not os.access(where, os.W_OK | os.X_OK):
+        made = "is not writable" if where == state else f"cannot be created: {where} is not writable"
+        return f"state directory {state} {made} by user {user}; {fix}"
+    if where == state and spool.is_dir() and not os.access(spool, os.W_OK | os.X_OK):
+        return f"spool directory {spool} is not writable by user {user}; {fix}"
+    return None  # (a file at the spool's path is the SQLite spool of an older release: the gateway carries it over)
 
 
 def _bus(r: Reader, index: int) -> BusConfig | None:
@@ -471,8 +565,8 @@ def _season(r: Reader, raw: Any) -> Season | None:
 # ---------------------------------------------------------------- whole file
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a site file. Raises ConfigError listing every problem found."""
+def load(path: str | os.PathLike[str], *, writable_state: bool = False) -> Config:
+    """Read and validate a site file. Raises ConfigError listing every problem found. `writable_state`: see parse."""
     path = Path(path)
     shown = str(path)
     try:
@@ -481,12 +575,16 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(shown, [Problem("(file)", f"cannot read: {exc.strerror}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(shown, [Problem("(file)", f"not UTF-8 text: {exc}")]) from exc
-    return parse(text, shown, base=path.resolve().parent)
+    return parse(text, shown, base=path.resolve().parent, writable_state=writable_state)
 
 
-def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Config:
+def parse(text: str, shown: str = "<config>", *, base: Path | None = None, writable_state: bool = False) -> Config:
     """Read and check a site file's text. Every problem in it is reported (ConfigError), not just the first:
-    a broken device does not hide the rules, nor a broken rule the actions."""
+    a broken device does not hide the rules, nor a broken rule the actions.
+
+    `writable_state`: also check that this user can create and write the state directory (state_dir_problem).
+    `yujing check` and `yujing run` ask for it; the file is valid without it (it may be checked on another
+    machine, or as another user than the gateway's)."""
     base = base or Path.cwd()
     try:
         doc = tomllib.loads(text)
@@ -500,6 +598,9 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
     uplink_table = top.get("uplink", dict)
     uplink = _uplink(Reader(uplink_table, "uplink", errors), base, site) if uplink_table is not None else None
     spool = _spool(Reader(top.get("spool", dict, {}), "spool", errors), base)
+    if writable_state and (problem := state_dir_problem(spool.path)) is not None:
+        errors.append(Problem("spool.path", problem))
+    status = _status(Reader(top.get("status", dict, {}), "status", errors), base)
 
     buses: dict[str, BusConfig] = {}
     for i, t in enumerate(top.get("buses", list, [])):
@@ -546,7 +647,8 @@ def parse(text: str, shown: str = "<config>", *, base: Path | None = None) -> Co
         locator = Locator(text)
         located = [Problem(p.path, p.message, locator.line(p.path)) for p in errors]
         raise ConfigError(shown, sorted(located, key=lambda p: p.line or 0))  # top to bottom, like the file
-    return Config(Path(shown), site, uplink, spool, tuple(buses.values()), tuple(devices), catalogue, rules, actions, uplinks)
+    return Config(Path(shown), site, uplink, spool, tuple(buses.values()), tuple(devices), catalogue, rules, actions, uplinks,
+                  status)
 
 
 def _resolve_point(index: dict[tuple[str, str], int], catalogue: tuple[PointInfo, ...], name: str) -> int:
@@ -565,14 +667,21 @@ def _rules(raw: list[Any], resolve: Any, errors: list[Problem]) -> tuple[tuple[A
     declared = [item["id"] for item in raw if isinstance(item, dict) and isinstance(item.get("id"), str)]
     good = []
     for i, item in enumerate(raw):
-        try:
-            c = parse_rule(item, f"rules[{i}]")
-            if isinstance(c, PointConfig):
-                kind_of(c).cls(c, resolve)  # resolves every point name now, not at run time
-        except RuleConfigError as exc:
-            errors.append(Problem(exc.path or f"rules[{i}]", exc.reason))
+        c, clean = _kind_table(parse_rule, item, f"rules[{i}]", RuleConfigError, errors)
+        if c is None:
             continue
-        good.append(c)
+        if isinstance(c, PointConfig):
+            unknown = _unknown_points(c, resolve)  # every one, also of a rule read without its keys at fault
+            errors.extend(unknown)
+            if unknown or not clean:
+                continue
+            try:
+                kind_of(c).cls(c, resolve)  # resolves every point name now, not at run time
+            except RuleConfigError as exc:
+                errors.append(Problem(exc.path or f"rules[{i}]", exc.reason))
+                continue
+        if clean:
+            good.append(c)
     failed = set(declared) - {c.id for c in good}
     while True:  # ids, references, cycles: drop what is wrong and look again, so each problem is said once
         try:
@@ -598,11 +707,12 @@ def _actions(raw: list[Any], buses: dict[str, BusConfig], rule_ids: list[str], e
     from .health import FAULT_RULE
 
     configs = []
+    clean = True
     for i, item in enumerate(raw):
-        try:
-            configs.append(parse_action(item, f"actions[{i}]"))
-        except ActionConfigError as exc:
-            errors.append(Problem(exc.path or f"actions[{i}]", exc.reason))
+        c, ok = _kind_table(parse_action, item, f"actions[{i}]", ActionConfigError, errors)
+        clean = clean and ok
+        if c is not None:  # (read without its keys at fault: still checked against the site, never run)
+            configs.append(c)
     ids = [*rule_ids, FAULT_RULE]  # an output may follow the gateway's own fault (a fault lamp)
     bus_kinds = {name: b.kind for name, b in buses.items()}
     while configs:  # drop what is wrong and look again, so every action's problem is said
@@ -615,7 +725,7 @@ def _actions(raw: list[Any], buses: dict[str, BusConfig], rule_ids: list[str], e
             if culprit is None:
                 return ()
             configs.remove(culprit)
-    return tuple(configs) if len(configs) == len(raw) else ()
+    return tuple(configs) if clean and len(configs) == len(raw) else ()
 
 
 def _uplinks(raw: list[Any], resolve: Any, base: Path, errors: list[Problem]) -> tuple[Any, ...]:
@@ -626,11 +736,12 @@ def _uplinks(raw: list[Any], resolve: Any, base: Path, errors: list[Problem]) ->
 
     configs = []
     names: dict[str, int] = {}
+    clean = True
     for i, item in enumerate(raw):
-        try:
-            c = parse_kind_table(item, f"uplinks[{i}]", kinds(), "uplink", FieldError)
-        except FieldError as exc:
-            errors.append(Problem(exc.path or f"uplinks[{i}]", exc.reason))
+        c, ok = _kind_table(lambda t, path: parse_kind_table(t, path, kinds(), "uplink", FieldError), item, f"uplinks[{i}]",
+                            FieldError, errors)
+        clean = clean and ok
+        if c is None:
             continue
         if not ID_RE.match(c.name):
             errors.append(Problem(f"uplinks[{i}].name", f"{c.name!r}: {ID_HINT}"))
@@ -645,7 +756,46 @@ def _uplinks(raw: list[Any], resolve: Any, base: Path, errors: list[Problem]) ->
         errors.extend(Problem(path, message) for path, message in problems)
         if not problems:
             configs.append(c)
-    return tuple(configs) if len(configs) == len(raw) else ()
+    return tuple(configs) if clean and len(configs) == len(raw) else ()
+
+
+def _kind_table(parse: Callable[[Any, str], Any], item: Any, path: str, error_type: type[FieldError],
+                errors: list[Problem]) -> tuple[Any, bool]:
+    """One rule, action or uplink table, with every problem it has reported, not just the first.
+
+    Their kinds' readers stop at the first problem. So the key at fault is set aside and the table read
+    again, until it reads or what is left is a problem no setting aside gets past (a missing key, an unknown
+    kind). Returns (the config, or None; whether it read without setting anything aside). A config read
+    without some of its keys is only for checking further (its points, its references), never for running."""
+    table = dict(item) if isinstance(item, dict) else item
+    aside: set[str] = set()
+    while True:
+        try:
+            return parse(table, path), not aside
+        except error_type as exc:
+            rest = exc.path[len(path) + 1:] if exc.path and exc.path.startswith(path + ".") else ""
+            key = re.split(r"[.\[]", rest, maxsplit=1)[0]
+            if key in aside:  # the key set aside is required: what was wrong with it is said already
+                return None, False
+            errors.append(Problem(exc.path or path, exc.reason))
+            if not key or key == "kind" or not isinstance(table, dict) or key not in table:
+                return None, False
+            del table[key]
+            aside.add(key)
+
+
+def _unknown_points(c: Any, resolve: Any) -> list[Problem]:
+    """Every point name of a point rule (its point, its fault flags and valid points) that is not in the
+    catalogue; building the rule stops at the first."""
+    names = [("point", c.point), *((f"fault.{key}[{i}]", name) for key in ("flags", "valid")
+                                   for i, name in enumerate(getattr(c.fault, key)))]
+    unknown = []
+    for key, name in names:
+        try:
+            resolve(name)
+        except LookupError:
+            unknown.append(Problem(c.where(key), f"unknown point {name!r}"))
+    return unknown
 
 
 def _check_ports(buses: list[BusConfig], errors: list[Problem]) -> None:

@@ -18,6 +18,7 @@ keys that are the only keys this format uses (both checked in tests/test_wire.py
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -58,7 +59,8 @@ K_DIGEST = 29
 # alarm event kinds, in wire order
 EVENT_KINDS = ("raised", "escalated", "de_escalated", "cleared", "acknowledged", "fault", "fault_cleared",
                "actuator_fault", "actuator_ok", "gateway_fault", "gateway_ok")
-LEVEL_NAMES = ("none", "IV_blue", "III_yellow", "II_orange", "I_red")
+# As a site file writes them and the gateway logs them (gateway.rules.levels.Level): one spelling everywhere.
+LEVEL_NAMES = ("NONE", "IV_BLUE", "III_YELLOW", "II_ORANGE", "I_RED")
 
 DEATH_CLEAN = 0
 DEATH_LOST = 1
@@ -504,12 +506,36 @@ def decode_reply(payload: bytes) -> Reply:
 # ---------------------------------------------------------------- presentation
 
 
-def json_value(v: Value) -> Any:
-    """A value as JSON would carry it: decimals become the shortest float that prints the same digits."""
+def json_value(v: Value, type_: str | None = None) -> Any:
+    """A value as JSON would carry it: decimals become the shortest float that prints the same digits; a
+    float32 point's value the shortest float that is the same float32 (`type_`: the point's catalogue type)."""
     if isinstance(v, Decimal):
         return int(v) if v == v.to_integral_value() else float(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if type_ == "float32" and isinstance(v, float):
+        return float32_shortest(v)
+    return v
+
+
+_F32 = struct.Struct("<f")
+
+
+def float32_shortest(v: float) -> float:
+    """The float with the fewest significant digits that is the same float32 as `v`: 208.6994, not the
+    208.69943237304688 a float32 reads as in float64. A float32 holds 6 to 9 significant digits; the other
+    digits a float64 prints are noise of the conversion, not of the instrument."""
+    try:
+        target = _F32.unpack(_F32.pack(v))[0]
+    except OverflowError:  # beyond float32's range: nothing to shorten
+        return v
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        shown = float(f"{v:.{digits}g}")
+        try:
+            if _F32.unpack(_F32.pack(shown))[0] == target:
+                return shown
+        except OverflowError:  # rounded up past float32's largest
+            continue
     return v
 
 
@@ -519,7 +545,7 @@ def event_records(topic_: Topic, alarm: Alarm, catalogue: Sequence[PointInfo] | 
         values = {}
         for idx, v in e.values.items():
             info = catalogue[idx] if catalogue is not None and 0 <= idx < len(catalogue) else None
-            values[f"{info.device}.{info.name}" if info else str(idx)] = json_value(v)
+            values[f"{info.device}.{info.name}" if info else str(idx)] = json_value(v, info.type if info else None)
         yield {
             "site": topic_.site, "gateway": topic_.gateway, "alarm": e.kind, "rule": e.rule,
             "level": LEVEL_NAMES[e.new_level] if 0 <= e.new_level < len(LEVEL_NAMES) else e.new_level,
@@ -541,7 +567,7 @@ def reading_records(
             "device": info.device if info else None,
             "point": info.name if info else r.point,
             "ts": r.ts_ms,
-            "value": json_value(r.value),
+            "value": json_value(r.value, info.type if info else None),
             "unit": info.unit if info else None,
             "quality": quality_name(r.quality),
             "session": data.session,

@@ -89,7 +89,7 @@ async def test_gas_ramp_with_broker_down_then_events_in_order_and_signed_ack(pri
                 # the retained state follows the latch (the condition fell, the level held) within a tick
                 await col.wait_for(lambda c: any(t.endswith("/alarms") and wire.decode_alarms(p)[2][0].latched for t, p in c.payloads))
                 events = [r for r in col.records if "alarm" in r]
-                assert [(e["alarm"], e["level"]) for e in events[:2]] == [("raised", "III_yellow"), ("escalated", "II_orange")]
+                assert [(e["alarm"], e["level"]) for e in events[:2]] == [("raised", "III_YELLOW"), ("escalated", "II_ORANGE")]
                 assert events[1]["values"] == {"lel1.conc": 52.5}
                 _, _, states = wire.decode_alarms([p for t, p in col.payloads if t.endswith("/alarms")][-1])
                 assert [(a.rule, a.level, a.latched) for a in states] == [("gas.lel1", 3, True)]
@@ -282,7 +282,7 @@ async def test_gas_ramp_switches_the_siren_within_one_poll_with_the_broker_down(
     assert latencies[1] <= interval + 0.3, latencies  # within one poll of the register change (plus the write)
     assert latencies[0] <= interval + 0.3, latencies
     events = [(r["alarm"], r["level"]) for r in col.records if "alarm" in r]
-    assert events[:2] == [("raised", "III_yellow"), ("escalated", "II_orange")]
+    assert events[:2] == [("raised", "III_YELLOW"), ("escalated", "II_ORANGE")]
 
 
 async def test_an_absent_relay_module_is_an_actuator_fault_and_polling_goes_on(mosquitto, tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ async def test_flood_limit_rule_in_the_flood_season(mosquitto, tmp_path: Path) -
     start = datetime(2026, 7, 15, 0, 0, tzinfo=CST)
     records = await run_hydrograph(mosquitto, tmp_path, start)
     alarms = [r for r in records if "alarm" in r]
-    assert [(a["alarm"], a["level"]) for a in alarms] == [("raised", "IV_blue"), ("escalated", "III_yellow")]
+    assert [(a["alarm"], a["level"]) for a in alarms] == [("raised", "IV_BLUE"), ("escalated", "III_YELLOW")]
     # 1953.00 + 0.1 m/h: 1953.20 after 2 h, 1953.50 after 5 h (to the minute of the poll)
     hours = [(a["ts"] - start.timestamp() * 1000) / 3.6e6 for a in alarms]
     assert abs(hours[0] - 2.0) <= 1 / 60 + 1e-9 and abs(hours[1] - 5.0) <= 1 / 60 + 1e-9, hours
@@ -147,7 +147,7 @@ async def test_creeping_crack_meter_fires_its_rate_rule(mosquitto, tmp_path: Pat
     finally:
         await server.stop()
     alarms = [r for r in col.records if "alarm" in r]
-    assert [(a["alarm"], a["level"]) for a in alarms[:2]] == [("raised", "III_yellow"), ("escalated", "II_orange")]
+    assert [(a["alarm"], a["level"]) for a in alarms[:2]] == [("raised", "III_YELLOW"), ("escalated", "II_ORANGE")]
     days = [(a["ts"] - start.timestamp() * 1000) / 8.64e7 for a in alarms[:2]]
     # yellow once the 24 h rise passes 2 mm: during the 4 mm/day stretch (day 3..5); orange during the 15 mm/day one
     assert 3.0 < days[0] < 5.0 and 5.0 < days[1] < 6.5, days

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ..base import Delivery, Device, Link, Result, TransportError
+from ..base import Delivery, Device, Link, Result, TransportError, serial_open_failure
 from ..fields import ID_HINT, ID_RE, NUMBER, Reader, decimal, positive
 from ..lines import Garbage, LineError, LineFormat, LineFramer, parse_value
 from ..model import Quality
@@ -320,7 +320,7 @@ class SerialLineDriver:
                                          exclusive=True)
         except (OSError, ValueError, serial.SerialException) as exc:
             self._serial = None
-            raise TransportError(f"{self.bus.name}: cannot open {s.port}: {getattr(exc, 'strerror', None) or exc}") from None
+            raise TransportError(f"{self.bus.name}: {serial_open_failure(s.port, exc)}") from None
         loop = asyncio.get_running_loop()
         self._lines = asyncio.Queue(maxsize=256)
         spec = self.devices[0].spec if self.devices else None
@@ -412,7 +412,8 @@ class SerialLineDriver:
             try:
                 self._ensure_open()
             except TransportError as exc:
-                self._complaints.note(device.name, str(exc))
+                # Said like a polled bus's lost port (gateway.poll.bus), not as a "bad line": no line was read.
+                log.warning("%s; retrying in %.1f s", exc, gap)
                 deliver(device.name, [(j, link.now_ms(), None, Quality.TRANSPORT) for j in range(len(device.points))])
                 await link.pause(gap)
                 gap = min(gap * 2, 30.0)

@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import Any
 
 from .. import sl651
-from ..base import Delivery, Device, Link, Result
+from ..base import Delivery, Device, Link, Result, serial_open_failure
 from ..fields import ID_HINT, ID_RE, NUMBER, Reader, positive
 from ..model import Quality, Value
 
@@ -262,7 +262,7 @@ class SL651Driver:
             try:
                 port = serial.Serial(self.settings.port, self.settings.baudrate, timeout=0, exclusive=True)
             except (OSError, ValueError, serial.SerialException) as exc:
-                log.warning("%s: cannot open %s: %s; retrying in %.1f s", self.bus.name, self.settings.port, exc, gap)
+                log.warning("%s: %s; retrying in %.1f s", self.bus.name, serial_open_failure(self.settings.port, exc), gap)
                 await link.pause(gap)
                 gap = min(gap * 2, 30.0)
                 continue

@@ -170,10 +170,12 @@ class AlarmCore:
         self.fault_reason = reason
         self.fault_since_ms = ts_ms
         level = self.level
+        # A fault keeps an alarm's level; worth saying only when there is one (not "kept at NONE").
+        kept = f" (level kept at {level.name})" if level != Level.NONE else ""
         return [
             Transition(
                 TransitionKind.FAULT, self.rule_id, level, level, ts_ms, values,
-                f"{self.rule_id} fault (level kept at {level.name}): {reason}",
+                f"{self.rule_id} fault{kept}: {reason}",
             )
         ]
 

@@ -151,7 +151,9 @@ class Modem:
         try:
             self._serial = serial.Serial(self.port, self.baudrate, timeout=0, exclusive=True)
         except (OSError, ValueError, serial.SerialException) as exc:
-            raise ModemError(f"cannot open {self.port}: {getattr(exc, 'strerror', None) or exc}") from None
+            from device_drivers.base import serial_open_failure
+
+            raise ModemError(serial_open_failure(self.port, exc)) from None
         asyncio.get_running_loop().add_reader(self._serial.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -271,7 +273,7 @@ class SmsUplink:
         for point, value in e.values.items():
             info = self.ctx.catalogue[point] if 0 <= point < len(self.ctx.catalogue) else None
             name = f"{info.device}.{info.name}" if info else str(point)
-            values.append(f"{name}={wire.json_value(value)}{info.unit if info else ''}")
+            values.append(f"{name}={wire.json_value(value, info.type if info else None)}{info.unit if info else ''}")  # no float32 noise
         verb = "升级为" if e.kind == "escalated" else ""
         return (f"【预警】{site} {e.rule} {verb}{COLOURS.get(e.new_level, e.new_level)}预警"
                 + (f"：{'，'.join(values)}" if values else "") + f"（{when}，网关 {self.ctx.gateway}）")
