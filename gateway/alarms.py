@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -163,10 +163,8 @@ class AlarmDesk:
         if self.outputs is not None:
             self.outputs.update(self.levels(), transitions)  # first: the siren does not wait for anything
         for t in transitions:
-            if t.kind in ("fault", "fault_cleared", "acknowledged"):
-                log.warning("alarm %s %s: %s", t.rule, t.kind, t.message)
-            else:
-                log.warning("alarm %s %s: %s -> %s: %s", t.rule, t.kind, t.old_level.name, t.new_level.name, t.message)
+            # The message already names the rule, the kind and the levels (gateway.rules.core): said once.
+            log.warning("alarm %s", t.message)
         self.events.append_events([to_wire_event(t) for t in transitions])
         self._publish_state()
 
@@ -180,12 +178,14 @@ MAX_REQUEST = 4096  # bytes in one control request line
 class ControlServer:
     """A Unix socket (mode 0600) for `yujing ack` on the gateway itself: works with the uplink down.
 
-    Protocol: one JSON object per line, {"ack": RULE, "by": NAME} or {"status": true}; one JSON reply line.
+    Protocol: one JSON object per line, {"ack": RULE, "by": NAME}, {"status": true} (the alarms) or
+    {"overview": true} (the site at a glance, gateway.status); one JSON reply line.
     """
 
-    def __init__(self, path: Path, desk: AlarmDesk) -> None:
+    def __init__(self, path: Path, desk: AlarmDesk, *, overview: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.path = path
         self.desk = desk
+        self.overview = overview
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -210,7 +210,11 @@ class ControlServer:
         try:
             try:
                 line = await asyncio.wait_for(reader.readline(), 5)
-                reply = self._answer(line)
+                req = json.loads(line or b"null")
+                if isinstance(req, dict) and req.get("overview") and self.overview is not None:
+                    reply = {"ok": True, "overview": await asyncio.wait_for(self.overview(), 5)}
+                else:
+                    reply = self._answer(line)
             except (TimeoutError, ValueError) as exc:  # ValueError: bad JSON, or a line over MAX_REQUEST
                 reply = {"ok": False, "message": f"bad request: {str(exc)[:200]}"}
             except Exception as exc:
@@ -238,7 +242,8 @@ class ControlServer:
 
 async def control_request(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """Client side of the control socket (used by `yujing ack` and `yujing alarms`)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+    # The overview of a large site is one long line (about 200 bytes a point).
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=16 * 1024 * 1024), timeout)
     writer.write(json.dumps(request).encode() + b"\n")
     await writer.drain()
     line = await asyncio.wait_for(reader.readline(), timeout)

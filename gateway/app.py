@@ -98,7 +98,11 @@ class Gateway:
     stop_grace_s: float = 3.5  # SIGTERM to exit within 5 s, with the spool closed
     sink_errors: int = 0
     extra_uplinks: list[Any] = field(default_factory=list)  # [[uplinks]]: SL 651 centre, SMS …
-    latest: uplinks.LatestValues | None = None  # kept only when an extra uplink reads it
+    latest: uplinks.LatestValues | None = None  # the newest reading of each point: extra uplinks, the status page
+    trends: Any = None  # gateway.status.Trends, while the status page is on
+    status_server: Any = None  # gateway.web.server.StatusServer, while the status page is on
+    metrics: Any = None  # gateway.metrics.Metrics, built at the first scrape of /metrics (prometheus_client: ~2 MB)
+    started_monotonic: float = field(default_factory=time.monotonic)
     _device_points: dict[str, range] = field(default_factory=dict)
 
     @property
@@ -121,6 +125,8 @@ class Gateway:
                 self.storage.append(readings)
             if self.latest is not None:
                 self.latest.update(readings)
+            if self.trends is not None:
+                self.trends.update(readings)
         except Exception as exc:
             self._sink_failed("storage", exc)
         else:
@@ -181,8 +187,13 @@ class Gateway:
             self.schedulers.append(BusScheduler(bus, [(d, bases[d.name]) for d in mine], self.driver_factory(bus, mine), self.clock,
                                                 self._sink, interval_policy=self._interval))
         fanout = uplinks.EventFanout(storage)
-        if cfg.uplinks:
+        if cfg.uplinks or cfg.status.host is not None:
             self.latest = uplinks.LatestValues(len(cfg.catalogue))
+        if cfg.status.host is not None:
+            from .status import Trends
+
+            samples = 240
+            self.trends = Trends(len(cfg.catalogue), samples=samples, step_s=cfg.status.trend_hours * 3600 / samples)
         self._start_alarms(fanout, storage, uplink, health)
         if cfg.uplinks:
             assert self.desk is not None
@@ -210,6 +221,8 @@ class Gateway:
                     tg.create_task(supervisor.run("control", self._serve_control), name="control"),
                     tg.create_task(supervisor.watch({"storage": self._storage_probe}), name="probes"),
                 ]
+                if cfg.status.host is not None:
+                    helpers.append(tg.create_task(supervisor.run("status", self._serve_status), name="status"))
                 uplink_stop = asyncio.Event()  # set once the last polls are in the spool
                 uplink_task = tg.create_task(supervisor.run("uplink", lambda: uplink.run(uplink_stop)), name="uplink")
                 for extra, c in zip(self.extra_uplinks, cfg.uplinks):
@@ -266,7 +279,7 @@ class Gateway:
         self.inbox = self._command_inbox(desk, storage, health)
         uplink.commands = self.inbox.handle
         desk.tick()  # publishes the restored state (latched alarms survive restarts)
-        self.control = ControlServer(cfg.state_dir / "control.sock", desk)
+        self.control = ControlServer(cfg.state_dir / "control.sock", desk, overview=self._overview)
 
     def _command_inbox(self, desk: AlarmDesk, storage: Storage, health: Health) -> CommandInbox:
         cfg = self.config
@@ -291,6 +304,32 @@ class Gateway:
         await self.control.start()
         log.info("acknowledge alarms locally with: yujing ack %s RULE --by NAME", self.config.path)
         await asyncio.Event().wait()  # serve until cancelled
+
+    async def _serve_status(self) -> None:
+        """The local status page; a port in use or a bad certificate is this stage's fault, not the gateway's."""
+        from .web.server import StatusServer
+
+        st = self.config.status
+        context = None
+        if st.tls_cert_file is not None and st.tls_key_file is not None:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(st.tls_cert_file, st.tls_key_file)
+        assert st.host is not None
+        self.status_server = StatusServer(self, host=st.host, port=st.port, users_file=st.users_file, ssl_context=context,
+                                          started_monotonic=self.started_monotonic, metrics=self._scrape)
+        await self.status_server.run()
+
+    async def _scrape(self) -> tuple[bytes, str]:
+        """Prometheus text for /metrics. The library is loaded when somebody first asks: a gateway nobody
+        scrapes does not carry it. Built once, so a restart of the status stage keeps the same registry."""
+        if self.metrics is None:
+            from .metrics import Metrics
+
+            self.metrics = Metrics(self)
+        body, content_type = await self.metrics.render_async()
+        return body, content_type
 
     async def _ticker(self) -> None:
         """Time-driven alarm logic (stale inputs, off-delays, season windows) and the state it publishes."""
@@ -321,6 +360,11 @@ class Gateway:
         assert self.storage is not None
         busy = self.storage.busy_s()
         return f"a disk operation has been running for {busy:.0f} s (disk stalled?)" if busy > 60 else None
+
+    async def _overview(self) -> dict[str, Any]:
+        from .status import overview
+
+        return await overview(self, started_monotonic=self.started_monotonic)
 
     def _status_line(self) -> str:
         faults = len(self.health.faults) if self.health else 0

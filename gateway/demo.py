@@ -53,6 +53,9 @@ batch_delay_s = 0.2
 [spool]
 path = "{workdir}/spool"
 
+[status]
+listen = "127.0.0.1:{status_port}"
+
 [[buses]]
 name = "rs485-a"
 type = "rtu"
@@ -197,9 +200,13 @@ levels = [ {{ level = "III_YELLOW", set = 0.10, clear = 0.08 }} ]
 """
 
 
-def free_port() -> int:
+def free_port(preferred: int = 0) -> int:
+    """`preferred` if nothing listens there (the status page's usual port), else any free one."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -269,10 +276,28 @@ async def _animate(cfg: Config, servers: dict[str, SimServer], stop: asyncio.Eve
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
+def yujing_command() -> str:
+    """How to type `yujing` in another terminal: the bare name when the shell finds this installation, else
+    its full path (scripts/demo.sh runs .venv/bin/yujing without activating the virtualenv, so the bare name
+    is "command not found" there, or another installation)."""
+    mine = Path(sys.executable).parent / "yujing"  # the script pip put next to this interpreter (not resolved: a venv)
+    if not mine.is_file():
+        return "yujing"
+    found = shutil.which("yujing")
+    if found is not None and Path(found).resolve() == mine.resolve():
+        return "yujing"
+    return str(mine.absolute())
+
+
 def _print_reading(rec: dict) -> None:
     ts = time.strftime("%H:%M:%S", time.localtime(rec["ts"] / 1000))
     if "alarm" in rec:
-        print(f"{ts}  ALARM {rec['rule']} {rec['alarm']}: {rec['old_level']} -> {rec['level']}  ({rec['message']})", flush=True)
+        # A rule's message names the rule, the kind and the levels already (gateway.rules.core); an output's or
+        # the gateway's own fault does not, so those get the rule and kind in front.
+        message = rec["message"]
+        if not message.startswith(f"{rec['rule']} "):
+            message = f"{rec['rule']} {rec['alarm']}: {message}"
+        print(f"{ts}  ALARM {message}", flush=True)
         return
     value = rec["value"]
     shown = f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
@@ -292,8 +317,9 @@ async def run_demo(*, duration: float | None, workdir: str | None, broker: str =
             sl651_port = free_port()
             station = SimHydroStation(("127.0.0.1", sl651_port), station="0053010002", interval_s=3.0,
                                       elements=lambda t: {0x20: Decimal(round(12.5 + t / 10, 1)), 0x38: Decimal("12.68")})
+            status_port = free_port(8780)
             text = SITE.format(broker_port=broker_port, protocol=protocol, workdir=wd, tty=bridge.gateway_port, modbus_port=modbus_port,
-                               wind_tty=wind.path, sl651_port=sl651_port)
+                               wind_tty=wind.path, sl651_port=sl651_port, status_port=status_port)
             (wd / "site.toml").write_text(text)
             cfg = parse(text, str(wd / "site.toml"), base=wd)
             rtu = SimServer([SimSlave(1), SimSlave(2), SimSlave(3)], serial={"port": bridge.device_port, "baudrate": 9600})
@@ -304,8 +330,10 @@ async def run_demo(*, duration: float | None, workdir: str | None, broker: str =
             station.start()
             print(f"yujing demo: broker {broker_name} on 127.0.0.1:{broker_port}; RS-485 bus on {bridge.gateway_port}; "
                   f"Modbus TCP on 127.0.0.1:{modbus_port}; anemometer on {wind.path}; SL 651 centre on 127.0.0.1:{sl651_port}; config {wd / 'site.toml'}", file=sys.stderr, flush=True)
-            print(f"yujing demo: try `yujing consume --broker 127.0.0.1:{broker_port} --protocol {protocol}` in another terminal"
+            print(f"yujing demo: try `{yujing_command()} consume --broker 127.0.0.1:{broker_port} --protocol {protocol}` in another terminal"
                   + (f"; stopping after {duration:g}s" if duration else "; Ctrl-C stops"), file=sys.stderr, flush=True)
+            print(f"yujing demo: the site at a glance: open http://127.0.0.1:{status_port}/ in a browser, or run "
+                  f"`{yujing_command()} status {wd / 'site.toml'}`", file=sys.stderr, flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             import signal

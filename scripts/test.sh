@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: install what the tests need (mosquitto, socat, Node for
-# MicroPython, Python packages), then run the whole suite against real components.
+# MicroPython, Chromium for the status page, Python packages), then run the whole suite against real components.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test,consumer python3-venv mosquitto socat nodejs openssl
+scripts/setup.sh test,consumer python3-venv mosquitto socat nodejs openssl chromium
 if [ -f firmware/host/package-lock.json ]; then
   npm ci --prefix firmware/host --no-audit --no-fund --loglevel=error
 fi

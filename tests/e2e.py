@@ -38,6 +38,8 @@ path = "{tmp / 'spool'}"
 
 {body}
 """
+    if "[status]" not in body:  # a port of its own per test gateway (several may run at once)
+        text += '\n[status]\nlisten = "127.0.0.1:0"\n'
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "site.toml").write_text(text)  # for the CLI commands a test runs against the same site
     (tmp / "site.toml").chmod(0o600)  # it sits in the state directory here, where every file is private
@@ -134,3 +136,12 @@ class FastClock:
     async def sleep(self, seconds: float) -> None:
         self.t += max(0.0, seconds)
         await asyncio.sleep(0)
+
+
+async def until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait until `predicate()` holds, looking every 20 ms; AssertionError after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)

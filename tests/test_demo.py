@@ -29,4 +29,6 @@ def test_demo_runs_a_whole_site_and_stops_by_itself(broker: str, tmp_path) -> No
     polled, decoded = int(m.group(1)), int(m.group(2))
     assert polled >= 20 and decoded >= polled - 7  # at most the last poll round still in flight at the stop
     assert "death, session 1, reason clean" in proc.stderr
+    assert re.search(r"open http://127\.0\.0\.1:\d+/ in a browser", proc.stderr), proc.stderr[-2000:]
+    assert "gateway.stage.status" not in proc.stdout + proc.stderr  # the status page served without a fault
     assert (tmp_path / "site.toml").exists() and any((tmp_path / "spool").glob("seg-*.log"))

@@ -218,6 +218,10 @@ class AlarmEngine:
         """The catalogue indexes some rule reads."""
         return frozenset(self._by_point)
 
+    def points_of(self, rule_id: str) -> tuple[int, ...]:
+        """The catalogue indexes `rule_id` reads itself (a combination reads none: its rules do)."""
+        return tuple(point for point, rules in self._by_point.items() if any(r.id == rule_id for r in rules))
+
     # -- restart-safe state ---------------------------------------------------------------------------
 
     def export_state(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The gateway's local status page (gateway.web.server) and its users file (gateway.web.users)."""
