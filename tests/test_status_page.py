@@ -126,6 +126,7 @@ async def test_the_page_shows_what_the_device_served_and_an_alarm_in_its_colour_
         await page.wait_for_function("() => document.querySelector('.alarm[data-rule=\"gas.lel1\"]')?.dataset.colour === 'yellow'",
                                      timeout=5000)
         shown_after = time.monotonic() - began
+        print(f"status page: alarm shown {shown_after * 1000:.0f} ms after the register changed (poll every {INTERVAL_S} s)")
         assert await card.get_attribute("data-level") == "III_YELLOW"
         colour = await card.evaluate("e => getComputedStyle(e).borderLeftColor")
         assert colour == "rgb(249, 168, 37)", colour  # the yellow of the four warning colours
