@@ -11,6 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from provisioning.cli import add_arguments as provision_arguments  # light: its steps import lazily. At module
+# level on purpose: scripts/setup.sh checks `import gateway.cli`, so an editable install from before the
+# provisioning package existed fails that check and is reinstalled.
+
 from . import __version__
 
 
@@ -470,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", help="where to keep the demo's config and spool (default: a temporary directory)")
     s.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto")
     s.set_defaults(func=cmd_demo)
+
+    provision_arguments(sub.add_parser("provision", help="field technician: site CA, node identities, broker "
+                                                         "password file and ACL, the site inventory"))
     return p
 
 

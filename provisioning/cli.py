@@ -1,0 +1,158 @@
+"""`yujing provision …`: argument parsing and printing only; the steps are in provisioning.workflow.
+
+Kept free of heavy imports at module level: `yujing` builds this parser on every start, also on a gateway
+that never provisions anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .workflow import Site
+
+DEFAULT_DIR = "yujing-site"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Field provisioning: the site CA, one MQTT identity per node (certificate, username, password), "
+                     "mosquitto's password file and ACL, and the site inventory. Secrets stay in the site directory "
+                     "(0700, files 0600) and are never printed.")
+    p.add_argument("--site-dir", default=os.environ.get("YUJING_SITE_DIR", DEFAULT_DIR), metavar="DIR",
+                   help="the site directory: CA, identities, inventory.json (default: $YUJING_SITE_DIR or %(default)s)")
+    p.add_argument("--technician", default=os.environ.get("USER", "unknown"),
+                   help="who does the work, for the inventory (default: $USER)")
+    sub = p.add_subparsers(dest="provision_command", required=True)
+
+    s = sub.add_parser("init-site", help="create the site directory, its CA and the platform account (once)")
+    s.add_argument("site", metavar="SITE", help="site id, as in the topics (yujing/v1/SITE/...)")
+    s.add_argument("--prefix", default="yujing/v1", help="topic prefix (default: %(default)s)")
+    s.set_defaults(func=_init_site)
+
+    s = sub.add_parser("add-node", help="issue a node's identity and record where it is installed (rerun: no-op)")
+    s.add_argument("device_id", metavar="ID")
+    s.add_argument("--serial", required=True, help="the board's serial or MAC address")
+    s.add_argument("--location", required=True, help="where it is installed, in words (e.g. 'slope 3, post 12')")
+    s.add_argument("--firmware", type=Path, metavar="PATH", help="firmware file or folder installed (its hash is recorded)")
+    s.add_argument("--config", type=Path, metavar="FILE", help="the node's config.json (its hash is recorded)")
+    s.set_defaults(func=_add_node)
+
+    s = sub.add_parser("rekey", help="new certificate and password for an installed node (the old ones are revoked)")
+    s.add_argument("device_id", metavar="ID")
+    s.set_defaults(func=_rekey)
+
+    s = sub.add_parser("replace", help="revoke node OLD and install NEW in its place (a new board or a new id)")
+    s.add_argument("old", metavar="OLD")
+    s.add_argument("new", metavar="NEW")
+    s.add_argument("--serial", help="the new board's serial (default: OLD's board)")
+    s.add_argument("--location", help="default: OLD's location")
+    s.add_argument("--firmware", type=Path, metavar="PATH")
+    s.add_argument("--config", type=Path, metavar="FILE")
+    s.set_defaults(func=_replace)
+
+    s = sub.add_parser("broker-files", help="write mosquitto's passwd (0600), acl, ca.crt and crl.pem to OUTDIR")
+    s.add_argument("outdir", type=Path, metavar="OUTDIR")
+    s.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                   help="also issue the broker's TLS certificate for this host name or IP (repeatable)")
+    s.set_defaults(func=_broker_files)
+
+    s = sub.add_parser("list", help="the inventory: every device, its board, location and status")
+    s.add_argument("--json", action="store_true", help="print inventory.json as it is")
+    s.set_defaults(func=_list)
+
+
+Step = Callable[[argparse.Namespace], int]
+
+
+def _run(step: Step) -> Step:
+    """Run a step under the site lock; turn a ProvisionError into one line on stderr and exit status 2."""
+    from . import ProvisionError
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            if args.provision_command == "list":
+                return step(args)  # reads only
+            with _site(args).locked(create=args.provision_command == "init-site"):
+                return step(args)
+        except ProvisionError as exc:
+            print(f"yujing provision {args.provision_command}: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"yujing provision {args.provision_command}: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+def _site(args: argparse.Namespace) -> Site:
+    from .workflow import Site
+
+    return Site(Path(args.site_dir))
+
+
+@_run
+def _init_site(args: argparse.Namespace) -> int:
+    print(_site(args).init(args.site, args.prefix).message)
+    return 0
+
+
+@_run
+def _add_node(args: argparse.Namespace) -> int:
+    print(_site(args).add_node(args.device_id, serial=args.serial, location=args.location, technician=args.technician,
+                               firmware=args.firmware, config=args.config).message)
+    return 0
+
+
+@_run
+def _rekey(args: argparse.Namespace) -> int:
+    print(_site(args).rekey(args.device_id, technician=args.technician).message)
+    return 0
+
+
+@_run
+def _replace(args: argparse.Namespace) -> int:
+    print(_site(args).replace(args.old, args.new, serial=args.serial, location=args.location,
+                              technician=args.technician, firmware=args.firmware, config=args.config).message)
+    return 0
+
+
+@_run
+def _broker_files(args: argparse.Namespace) -> int:
+    for path in _site(args).broker_files(args.outdir, server_names=tuple(args.server_name)):
+        print(f"wrote {path} ({path.stat().st_mode & 0o777:04o})")
+    print(f"mosquitto.conf: password_file {args.outdir}/passwd, acl_file {args.outdir}/acl, allow_anonymous false; "
+          f"the broker's user must read them (e.g. chown -R mosquitto: {args.outdir}); then reload the broker (SIGHUP)")
+    return 0
+
+
+@_run
+def _list(args: argparse.Namespace) -> int:
+    site = _site(args)
+    inv = site.load()
+    if args.json:
+        sys.stdout.write(site.inventory_path.read_text(encoding="utf-8"))
+        return 0
+    print(f"site {inv.site} (prefix {inv.prefix}), CA {inv.ca_fingerprint}")
+    for d in sorted(inv.devices.values(), key=lambda d: d.device_id):
+        note = f" -> {d.replaced_by}" if d.replaced_by else ""
+        print(f"{d.device_id:20} {d.status:9} board {d.board_serial:16} {d.location!r} "
+              f"({d.technician}, {d.installed_at}){note}")
+    if not inv.devices:
+        print("no devices yet: yujing provision add-node ID --serial SERIAL --location WHERE")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m provisioning.cli …`, the same as `yujing provision …`."""
+    p = argparse.ArgumentParser(prog="yujing provision")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
