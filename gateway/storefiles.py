@@ -61,16 +61,23 @@ def read_json(path: Path) -> Any | None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Replace `path` with `obj` as JSON: a 0600 temporary file beside it, fsync, rename, fsync the folder.
+    """Replace `path` with `obj` as JSON, 0600, atomically (write_atomic)."""
+    write_atomic(path, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data`: a temporary file beside it created with `mode` (a secret is never readable
+    by others, not even for a moment), fsync, rename, fsync the folder.
 
     A reader (or a restart after a power cut) sees the old content or the new one, never a torn write.
     Raises OSError (a full disk, a read-only filesystem); the old file then stays as it was.
     """
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted run may carry another mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
+            os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask; 0644 must really be 0644
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from .. import storefiles
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,32}$")
 N, R, P = 1 << 14, 8, 1
@@ -85,14 +86,7 @@ def save(path: Path, users: dict[str, User]) -> None:
     """Atomically, 0600 from the first byte."""
     text = "# yujing status page users: name:scrypt:N:r:p:salt:hash (hex). Edit with `yujing status-user`.\n"
     text += "".join(u.line() + "\n" for u in users.values())
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    storefiles.write_atomic(path, text.encode(), 0o600)
 
 
 _DUMMY = User("-", N, R, P, b"\0" * 16, b"\0" * 32)
