@@ -174,8 +174,8 @@ class StatusServer:
             except (TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError):
                 return None
             size += len(line)
-            if size > MAX_HEAD or len(lines) > MAX_HEAD_LINES:
-                return None
+            if size > MAX_HEAD or len(lines) > MAX_HEAD_LINES or len(line) > Request.max_readline:
+                return None  # (microdot would raise on a line over its max_readline, and print a traceback)
             if line in (b"\r\n", b"\n"):
                 break
             pattern = _HEADER_LINE if lines else _REQUEST_LINE
