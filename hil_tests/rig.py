@@ -24,6 +24,8 @@ batch_delay_s = 0.1
 backoff_min_s = 0.1
 [spool]
 path = "{tmp}/spool"
+[status]
+listen = "127.0.0.1:0"
 [[buses]]
 name = "rs485"
 type = "rtu"
@@ -85,11 +87,12 @@ def _with_local_uplink(text: str, broker_port: int, tmp: Path) -> str:
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("["):
-            skipping = stripped in ("[uplink]", "[spool]")
+            skipping = stripped in ("[uplink]", "[spool]", "[status]")
         if not skipping:
             out.append(line)
     out.append(f'[uplink]\nhost = "127.0.0.1"\nport = {broker_port}\ntls = false\nbatch_delay_s = 0.1\n')
     out.append(f'[spool]\npath = "{tmp / "spool"}"\n')
+    out.append('[status]\nlisten = "127.0.0.1:0"\n')  # a port of its own: the bench's gateway may run beside
     return "\n".join(out)
 
 

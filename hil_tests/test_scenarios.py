@@ -26,7 +26,7 @@ async def test_every_point_reports_good_quality(mosquitto, tmp_path: Path) -> No
         slowest = max(d.interval_s for d in r.config.devices)
         async with collecting(mosquitto.port) as col, running(Gateway(r.config)):
             await col.wait_for(
-                lambda c: wanted <= {(x["device"], x["point"]) for x in c.records if x["quality"] == "good"},
+                lambda c: wanted <= {(x["device"], x["point"]) for x in c.records if x.get("quality") == "good"},
                 timeout=3 * slowest + 10,
             )
     seqs = [x["seq"] for x in col.records]
