@@ -90,6 +90,14 @@ class ReasonClient(aiomqtt.Client):
 
         self._client.publish = recording  # type: ignore[method-assign]
 
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        # aiomqtt ignores a disconnect that comes before the CONNACK, so a link reset while the CONNECT is on
+        # its way was noticed only when the connect timed out, 10 s later (hil_tests/test_network_faults.py).
+        # Failing the attempt at once lets the uplink probe and reconnect within a second.
+        if not self._connected.done():
+            self._connected.set_exception(aiomqtt.MqttError(f"the connection closed before the broker answered ({reason_code})"))
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             self._refused[mid] = reason_code
