@@ -57,6 +57,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{len(cfg.rules)} alarm rules, {len(cfg.actions)} actions; "
             f"uplink {cfg.uplink.host}:{cfg.uplink.port} ({'TLS' if cfg.uplink.tls else 'no TLS'}, MQTT {cfg.uplink.protocol})"
             + "".join(f"; {u.kind} uplink {u.name!r}" for u in cfg.uplinks)
+            + (f"; status page {'https' if cfg.status.tls_cert_file else 'http'}://{cfg.status.host}:{cfg.status.port}/"
+               f"{' (acknowledging on)' if cfg.status.users_file else ''}" if cfg.status.host is not None else "; no status page")
         )
     return status
 

@@ -243,6 +243,9 @@ async def test_yujing_status_prints_the_overview_through_the_control_socket(dete
     assert overview["alarms"][0]["level_name"] == "III_YELLOW"
     assert overview["alarms"][0]["inputs"] == [{"point": "lel1.conc", "unit": "%LEL", "value": "26.5"}]
     assert overview["uplink"]["connected"] is True and overview["spool"]["known"] is True
+    checked = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(tmp_path / "site.toml")], capture_output=True,
+                             text=True, timeout=30)
+    assert checked.returncode == 0 and "status page http://127.0.0.1:0/ (acknowledging on)" in checked.stdout, checked
 
 
 def test_the_users_file_holds_hashes_only_is_private_and_checks_passwords(tmp_path: Path) -> None:
