@@ -61,6 +61,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also issue the broker's TLS certificate for this host name or IP (repeatable)")
     s.set_defaults(func=_broker_files)
 
+    s = sub.add_parser("preflight", help="check a board on PORT: MicroPython version, .mpy ABI, free flash, clock, Ctrl-C")
+    s.add_argument("port", metavar="PORT", help="the board's serial port, e.g. /dev/ttyUSB0")
+    s.set_defaults(func=_preflight)
+
+    s = sub.add_parser("flash", help="pre-flight, then copy the firmware (.mpy) and the node's files to the board on "
+                                     "PORT; only what changed is copied, each file whole or not at all")
+    s.add_argument("port", metavar="PORT")
+    s.add_argument("--firmware", type=Path, default=Path("firmware"), metavar="DIR",
+                   help="the firmware folder: main.py and yujing_node/ (default: %(default)s)")
+    s.add_argument("--config", type=Path, metavar="FILE", help="written to the board as /config.json")
+    s.add_argument("--node", metavar="ID", help="write the identity's secrets.json (from the site directory) as "
+                                               "/secrets.json")
+    s.set_defaults(func=_flash)
+
     s = sub.add_parser("list", help="the inventory: every device, its board, location and status")
     s.add_argument("--json", action="store_true", help="print inventory.json as it is")
     s.set_defaults(func=_list)
@@ -75,8 +89,8 @@ def _run(step: Step) -> Step:
 
     def wrapped(args: argparse.Namespace) -> int:
         try:
-            if args.provision_command == "list":
-                return step(args)  # reads only
+            if args.provision_command in ("list", "preflight", "flash"):
+                return step(args)  # reads the site only, if at all
             with _site(args).locked(create=args.provision_command == "init-site"):
                 return step(args)
         except ProvisionError as exc:
@@ -143,6 +157,35 @@ def _list(args: argparse.Namespace) -> int:
               f"({d.technician}, {d.installed_at}){note}")
     if not inv.devices:
         print("no devices yet: yujing provision add-node ID --serial SERIAL --location WHERE")
+    return 0
+
+
+@_run
+def _preflight(args: argparse.Namespace) -> int:
+    from . import board
+
+    print("\n".join(board.preflight(args.port).lines()))
+    return 0
+
+
+@_run
+def _flash(args: argparse.Namespace) -> int:
+    from . import ProvisionError, board
+
+    extra: dict[str, bytes] = {}
+    if args.config is not None:
+        extra["/config.json"] = args.config.read_bytes()
+    if args.node is not None:
+        secrets = _site(args).store.folder(args.node) / "secrets.json"
+        if not secrets.exists():
+            raise ProvisionError(f"{secrets} is missing: run `yujing provision add-node {args.node} …` first")
+        extra["/secrets.json"] = secrets.read_bytes()
+    print("\n".join(board.preflight(args.port).lines()))
+    report = board.sync_firmware(args.port, board.compile_firmware(args.firmware))
+    print(f"firmware: {report.line()}")
+    if extra:
+        files = board.sync_firmware(args.port, extra)  # secrets are never printed, only their path on the board
+        print(f"node files: {files.line()}")
     return 0
 
 
