@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,6 +71,7 @@ class ModbusTransport:
         self.name = name
         self.settings = settings
         self._rx_bytes = 0
+        self._failed: dict[int, tuple[float, str]] = {}  # unit → when its last request failed, and which (serial)
         if isinstance(settings, TcpSettings):
             self._client = AsyncModbusTcpClient(
                 settings.host,
@@ -143,11 +145,24 @@ class ModbusTransport:
     async def _execute(self, call: Callable[[], Awaitable[ModbusPDU]], what: str, unit: int) -> ModbusPDU:
         if not self._client.connected:
             await self.connect()
+        failed = self._failed.pop(unit, None)
+        if failed is not None and failed[1] != what:
+            # An RTU reply names no request: a reply that comes after its timeout would be taken as the answer
+            # to the next, different request to that unit (another address: a wrong value of quality good;
+            # hil_tests/test_line_faults.py). So that request waits until the failed one's timeout has passed
+            # once more; what arrives meanwhile finds no request waiting, and pymodbus drops it. A retry of the
+            # same request needs no wait (a late answer is still its answer), nor does another unit (pymodbus
+            # checks the unit id).
+            quiet = failed[0] + self.settings.timeout_s - time.monotonic()
+            if quiet > 0:
+                await asyncio.sleep(quiet)
         self._rx_bytes = 0
         try:
             response = await self._call_cancellable(call, what)
         except ModbusIOException as exc:
             quality = Quality.FRAMING if self._rx_bytes else Quality.TIMEOUT
+            if isinstance(self.settings, SerialSettings):
+                self._failed[unit] = (time.monotonic(), what)
             raise DeviceError(quality, f"{self.name} unit {unit}: {what}: {'bad frame' if self._rx_bytes else 'no answer'}") from exc
         except ConnectionException as exc:
             raise TransportError(f"{self.name}: connection lost during {what}: {exc}") from exc
