@@ -43,6 +43,7 @@ class SerialSettings:
     parity: str = "N"
     stopbits: int = 1
     timeout_s: float = 0.3
+    reply_guard_s: float = 0.0  # after each reply, listen this long; a second reply makes the transaction bad
 
 
 class Transport(Protocol):
@@ -170,6 +171,15 @@ class ModbusTransport:
             raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: {exc}") from exc
         except OSError as exc:
             raise TransportError(f"{self.name}: {what}: {exc}") from exc
+        guard = getattr(self.settings, "reply_guard_s", 0.0)
+        if guard > 0:
+            # A reply that comes twice would be taken as the answer to the next request to this unit (an RTU
+            # reply names no request). A line that does that is not trusted for this transaction either.
+            heard = self._rx_bytes
+            await asyncio.sleep(guard)
+            if self._rx_bytes > heard:
+                raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: more bytes followed the reply "
+                                                   f"within reply_guard_s ({self._rx_bytes - heard}); reading not trusted")
         if response.isError():
             code = getattr(response, "exception_code", 0)
             raise DeviceError(modbus_exception_quality(code), f"{self.name} unit {unit}: {what}: Modbus exception {code}")

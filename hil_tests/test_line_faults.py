@@ -338,12 +338,12 @@ def apply(line: FaultyLine, step: Step) -> None:
     line.set(units={VICTIM}, **step.params)
 
 
-async def run_plan(plan: list[Step], s: int, tmp_path: Path, broker_port: int, caplog: Any) -> dict[str, Any]:
+async def run_plan(plan: list[Step], s: int, tmp_path: Path, broker_port: int, caplog: Any, *, bus_extra: str = "") -> dict[str, Any]:
     line = FaultyLine(seed=s, baudrate=BAUD)
     line.start()
     server = SimServer([SimSlave(VICTIM), SimSlave(BYSTANDER)], serial={"port": line.device_port, "baudrate": BAUD})
     await server.start()
-    cfg = site(broker_port, tmp_path, BODY.replace("{port}", line.gateway_port))
+    cfg = site(broker_port, tmp_path, BODY.replace("{port}", line.gateway_port).replace(f"pause_s = {PAUSE_S}\n", f"pause_s = {PAUSE_S}\n{bus_extra}", 1))
     truth = Truth()
     mono0, wall0_ms = time.monotonic(), time.time_ns() // 1_000_000
     phases: list[Phase] = []
@@ -484,11 +484,12 @@ def test_the_plan_is_a_function_of_the_seed() -> None:
     assert late.params["late_s"][0] > TIMEOUT_S  # really after the gateway's timeout
 
 
-async def _one_class(fault: str, params: dict[str, Any], tmp_path: Path, broker_port: int, caplog: Any) -> dict[str, Any]:
+async def _one_class(fault: str, params: dict[str, Any], tmp_path: Path, broker_port: int, caplog: Any, *,
+                     bus_extra: str = "", name: str = "") -> dict[str, Any]:
     s = seed()
-    report = await run_plan([Step(fault, 4.0, params)], s, tmp_path, broker_port, caplog)
+    report = await run_plan([Step(fault, 4.0, params)], s, tmp_path, broker_port, caplog, bus_extra=bus_extra)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)  # the evidence, beside the scenario's report
-    (ARTIFACTS / f"line-faults-{fault}.json").write_text(json.dumps(report, indent=2))
+    (ARTIFACTS / f"line-faults-{name or fault}.json").write_text(json.dumps(report, indent=2))
     return report["per_fault"][fault]
 
 
@@ -497,6 +498,16 @@ async def _one_class(fault: str, params: dict[str, Any], tmp_path: Path, broker_
 async def test_a_reply_sent_twice_never_becomes_another_points_good_value(mosquitto, tmp_path: Path, caplog) -> None:
     c = await _one_class("twice", {"twice_rate": 1.0, "twice_gap_s": (0.008, 0.03)}, tmp_path, mosquitto.port, caplog)
     print(f"\ntwice: {c['wrong_values']} wrong good values, e.g. {c['wrong_sample'][:2]}")
+    assert c["wrong_values"] == 0, c["wrong_sample"]
+
+
+async def test_with_a_reply_guard_a_reply_sent_twice_is_a_framing_error_not_a_wrong_value(mosquitto, tmp_path: Path,
+                                                                                          caplog) -> None:
+    """`reply_guard_s` (a bus setting, off by default: it costs every transaction its length) listens after each
+    reply; the second copy makes that transaction a framing error instead of the next request's answer."""
+    c = await _one_class("twice", {"twice_rate": 1.0, "twice_gap_s": (0.008, 0.03)}, tmp_path, mosquitto.port, caplog,
+                         bus_extra="reply_guard_s = 0.05\n", name="twice-guarded")
+    print(f"\ntwice with reply_guard_s = 0.05: {c['wrong_values']} wrong good values, {c['victim_bad']} bad readings")
     assert c["wrong_values"] == 0, c["wrong_sample"]
 
 

@@ -45,6 +45,7 @@ port = "/dev/ttyUSB0"       # tcp: host = "192.168.10.50", port = 502
 # stopbits = 1
 # timeout_s = 0.3           # per transaction (tcp: 1.0)
 # pause_s = 0.0             # quiet time on the wire between two transactions
+# reply_guard_s = 0.0       # rtu: listen this long after each reply; a second reply makes it a framing error
 
 [[devices]]
 name = "level"
@@ -104,7 +105,8 @@ def parse_bus(r: Reader, kind: str) -> TcpSettings | SerialSettings | None:
     bytesize = r.get("bytesize", int, 8, check=lambda v: v in (7, 8), hint="7 or 8")
     parity = r.get("parity", str, "N", check=lambda v: v in PARITIES, hint='"N", "E" or "O"')
     stopbits = r.get("stopbits", int, 1, check=lambda v: v in (1, 2), hint="1 or 2")
-    return SerialSettings(port, baud, bytesize, PARITIES[parity or "N"], stopbits, float(timeout)) if port else None
+    guard = r.get("reply_guard_s", NUMBER, 0.0, check=lambda v: 0 <= v <= 1, hint="0 .. 1 second")
+    return SerialSettings(port, baud, bytesize, PARITIES[parity or "N"], stopbits, float(timeout), float(guard or 0)) if port else None
 
 
 def parse_device(r: Reader, bus: Any) -> tuple[ModbusDevice, tuple[PointSpec, ...]] | None:
