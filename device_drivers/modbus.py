@@ -73,6 +73,7 @@ class ModbusTransport:
         self.settings = settings
         self._rx_bytes = 0
         self._failed: dict[int, tuple[float, str]] = {}  # unit → when its last request failed, and which (serial)
+        self._answered: dict[int, float] = {}  # unit → when it last answered (serial)
         if isinstance(settings, TcpSettings):
             self._client = AsyncModbusTcpClient(
                 settings.host,
@@ -162,7 +163,9 @@ class ModbusTransport:
             response = await self._call_cancellable(call, what)
         except ModbusIOException as exc:
             quality = Quality.FRAMING if self._rx_bytes else Quality.TIMEOUT
-            if isinstance(self.settings, SerialSettings):
+            if isinstance(self.settings, SerialSettings) and (self._rx_bytes or time.monotonic() - self._answered.get(unit, -1e9) < 60):
+                # Only a unit that talks can answer late: an absent one (a relay module not fitted) must not
+                # slow the bus down with waits for replies that will never come.
                 self._failed[unit] = (time.monotonic(), what)
             raise DeviceError(quality, f"{self.name} unit {unit}: {what}: {'bad frame' if self._rx_bytes else 'no answer'}") from exc
         except ConnectionException as exc:
@@ -180,6 +183,7 @@ class ModbusTransport:
             if self._rx_bytes > heard:
                 raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: more bytes followed the reply "
                                                    f"within reply_guard_s ({self._rx_bytes - heard}); reading not trusted")
+        self._answered[unit] = time.monotonic()
         if response.isError():
             code = getattr(response, "exception_code", 0)
             raise DeviceError(modbus_exception_quality(code), f"{self.name} unit {unit}: {what}: Modbus exception {code}")
