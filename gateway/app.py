@@ -318,7 +318,7 @@ class Gateway:
             context.load_cert_chain(st.tls_cert_file, st.tls_key_file)
         assert st.host is not None
         self.status_server = StatusServer(self, host=st.host, port=st.port, users_file=st.users_file, ssl_context=context,
-                                          started_monotonic=self.started_monotonic, metrics=self._scrape)
+                                          metrics=self._scrape)
         await self.status_server.run()
 
     async def _scrape(self) -> tuple[bytes, str]:
@@ -328,8 +328,7 @@ class Gateway:
             from .metrics import Metrics
 
             self.metrics = Metrics(self)
-        body, content_type = await self.metrics.render_async()
-        return body, content_type
+        return await self.metrics.render_async()
 
     async def _ticker(self) -> None:
         """Time-driven alarm logic (stale inputs, off-delays, season windows) and the state it publishes."""
@@ -364,7 +363,7 @@ class Gateway:
     async def _overview(self) -> dict[str, Any]:
         from .status import overview
 
-        return await overview(self, started_monotonic=self.started_monotonic)
+        return await overview(self)
 
     def _status_line(self) -> str:
         faults = len(self.health.faults) if self.health else 0

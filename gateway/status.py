@@ -148,8 +148,8 @@ async def spool(gw: Any) -> dict[str, Any]:
                 "events_waiting": waiting["events"], "oldest_unsent_ms": waiting["oldest_ms"], "bytes": waiting["bytes"],
                 "max_bytes": s.max_bytes, "dropped": s.dropped, "disk_free_bytes": free}
 
-    try:
-        return await asyncio.wait_for(storage.call(figures), SPOOL_DEADLINE_S)
+    try:  # query, not call: a probe never replaces a spool it finds damaged (the uplink's calls do that)
+        return await asyncio.wait_for(asyncio.wrap_future(storage.query(figures)), SPOOL_DEADLINE_S)
     except Exception as exc:  # a busy or failing disk: say so, never wait for it
         return {"known": False, "reason": f"{type(exc).__name__}: {exc}"[:200] if str(exc) else "the disk is busy"}
 
@@ -162,12 +162,12 @@ def uplink(gw: Any) -> dict[str, Any]:
             "last_delivery_ms": u.last_acked_ms, "delivered": u.acked, "refused": getattr(u, "rejected", 0)}
 
 
-async def overview(gw: Any, *, started_monotonic: float | None = None) -> dict[str, Any]:
+async def overview(gw: Any) -> dict[str, Any]:
     """Everything the status page and `yujing status` show, as one JSON-able dict."""
     cfg = gw.config
     return {
         "site": cfg.site.id, "gateway": cfg.site.gateway, "software": __version__, "session": gw.session,
-        "uptime_s": round(time.monotonic() - started_monotonic, 1) if started_monotonic is not None else None,
+        "uptime_s": round(time.monotonic() - gw.started_monotonic, 1),
         "now_ms": gw.clock.time_ms(), "readings": gw.readings,
         "devices": devices(gw), "alarms": alarms(gw),
         "gateway_faults": dict(gw.health.faults) if gw.health is not None else {},

@@ -104,12 +104,11 @@ class _Writer:
 
 class StatusServer:
     def __init__(self, gw: Any, *, host: str, port: int, users_file: Any = None, ssl_context: ssl.SSLContext | None = None,
-                 started_monotonic: float | None = None, metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None) -> None:
+                 metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None = None) -> None:
         self.gw = gw
         self.host, self.port = host, port
         self.users_file = users_file
         self.ssl_context = ssl_context
-        self.started = started_monotonic if started_monotonic is not None else time.monotonic()
         self.metrics = metrics
         self._sessions: dict[str, tuple[str, float]] = {}  # token → (user, last used, monotonic)
         self._failures: dict[str, tuple[int, float]] = {}  # address → (failed logins in a row, when the last was)
@@ -255,7 +254,7 @@ class StatusServer:
                         headers={"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store", **_SECURITY_HEADERS})
 
     async def _overview(self, request: Request) -> dict[str, Any]:
-        data = await status.overview(self.gw, started_monotonic=self.started)
+        data = await status.overview(self.gw)
         data["you"] = self._user(request)
         data["can_acknowledge"] = self.users_file is not None
         return data
