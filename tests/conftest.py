@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -62,7 +63,12 @@ def start_mosquitto(workdir: Path, *, persistent: bool = False) -> Broker:
     conf = workdir / "mosquitto.conf"
     # A persistent broker keeps subscribers' sessions and queued QoS 1 messages across its own restarts,
     # as a production broker does: a consumer that registered before an outage misses nothing after it.
-    persistence = f"persistence true\npersistence_location {workdir}/\n" if persistent else "persistence false\n"
+    # Run as root, mosquitto drops to the `mosquitto` user and then cannot write its database into the test's
+    # 0700 folder: it said "Error saving in-memory database ... Permission denied" on stop (to a log nobody read),
+    # and every "persistent" broker restart silently lost the sessions and what they had queued. `user` keeps the
+    # invoking user (root or not), so the database is written.
+    persistence = (f"persistence true\npersistence_location {workdir}/\nuser {getpass.getuser()}\n" if persistent
+                   else "persistence false\n")
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}"
         f"max_queued_messages 1000000\nmax_inflight_messages 100\n"

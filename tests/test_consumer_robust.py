@@ -157,14 +157,16 @@ async def test_consume_reconnects_and_keeps_duplicate_tracking_across_a_broker_r
         await publish((f"{topic}/data", data(1)), (f"{topic}/data", data(2)))
         await until(lambda: any("duplicate: seq 1 again" in x for x in lines))
         out = []
-        for _ in range(3):
-            line = await asyncio.wait_for(proc.stdout.readline(), 10)
-            out.append(line)
+        while not any(b'"seq": 2' in x or b'"seq":2' in x for x in out):
+            out.append(await asyncio.wait_for(proc.stdout.readline(), 10))
     finally:
         proc.terminate()
         await proc.wait()
         reader.cancel()
     import json
 
-    records = [json.loads(x) for x in out]
-    assert [(r["seq"], r.get("duplicate", False)) for r in records] == [(1, False), (1, True), (2, False)]
+    # At least once: seq 1 arrives first as new, then as often as the broker and the publisher repeat it (the
+    # persistent broker may also hand back the copy that was in flight when it stopped), every repeat flagged.
+    records = [(r["seq"], r.get("duplicate", False)) for r in (json.loads(x) for x in out)]
+    assert records[0] == (1, False) and records[-1] == (2, False), records
+    assert set(records[1:-1]) == {(1, True)}, records

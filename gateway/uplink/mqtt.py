@@ -149,7 +149,17 @@ _HINTS = {
     "Temporary failure in name resolution": "no DNS answer: is the network up?",
     "No route to host": "check the network link and uplink.host",
     "Network is unreachable": "no network: check the link (cable, modem, APN)",
+    # CONNACK refusals (aiomqtt words them "[code:N] reason"): the broker answers but will not have us
+    "Not authorized": "the broker refuses this gateway: check its ACL / allowed client ids, uplink.client_id, "
+                      "and uplink.username, password_file or client certificate",
+    "Bad user name or password": "check uplink.username and uplink.password_file against the broker's password file",
+    "Client identifier not valid": "the broker does not accept uplink.client_id: check its allowed client ids",
 }
+
+
+def hint(why: str) -> str | None:
+    """What to look at for a connect failure, when it is one a site's first start usually hits."""
+    return _HINTS.get(why) or next((h for k, h in _HINTS.items() if why.endswith(k)), None)
 
 
 def connect_failure(exc: BaseException) -> str:
@@ -335,9 +345,9 @@ class Uplink:
             log.debug("broker %s:%d: cannot connect: %s", self.cfg.host, self.cfg.port, why)
             return False
         self._down_why = why
-        hint = _HINTS.get(why)
+        tip = hint(why)
         log.warning("broker %s:%d: cannot connect: %s%s; trying again until it works", self.cfg.host, self.cfg.port, why,
-                    f" ({hint})" if hint else "")
+                    f" ({tip})" if tip else "")
         return True
 
     async def _wait_to_reconnect(self, stop: asyncio.Event, delay: float, *, say: bool = True) -> None:
