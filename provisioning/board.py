@@ -20,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class BoardError(ProvisionError):
     """A board step failed; the message says what to try."""
 
 
+_running: set[subprocess.Popen[str]] = set()  # mpremote processes under way (stop_all ends them)
+_running_lock = threading.Lock()
+
+
 def mpremote_command() -> list[str]:
     here = Path(sysconfig.get_path("scripts")) / "mpremote"
     if here.exists():
@@ -51,14 +56,22 @@ def mpremote_command() -> list[str]:
 def mpremote(port: str, *args: str, timeout: float = 60.0, resume: bool = False) -> str:
     """Run `mpremote connect PORT [resume] ARGS…`; stdout, or a BoardError saying what to try."""
     cmd = [*mpremote_command(), "connect", port, *(["resume"] if resume else []), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    with _running_lock:
+        _running.add(proc)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         raise BoardError(f"{port} did not answer within {timeout:.0f} s: unplug and replug the board, "
                          f"or close other programs using {port} (a serial monitor, another mpremote)") from None
+    finally:
+        with _running_lock:
+            _running.discard(proc)
     if proc.returncode == 0:
-        return proc.stdout
-    err = (proc.stderr + proc.stdout).strip()
+        return stdout
+    err = (stderr + stdout).strip()
     if "failed to access" in err or "could not open port" in err or "No such file" in err and port in err:
         raise BoardError(f"cannot open {port}: check the cable and the port name (ls /dev/ttyUSB* /dev/ttyACM*), "
                          f"close other programs using it, and make sure you may use it (group dialout)")
@@ -67,6 +80,22 @@ def mpremote(port: str, *args: str, timeout: float = 60.0, resume: bool = False)
                          f"or close other programs using {port}")
     last = err.splitlines()[-1] if err else f"exit status {proc.returncode}"
     raise BoardError(f"mpremote failed on {port}: {last}")
+
+
+def stop_all() -> None:
+    """End every mpremote this process started (a run interrupted with Ctrl-C): the board keeps its old files,
+    since each copy goes to a temporary name first."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+
+
+def reboot(port: str, *, hard: bool = True) -> None:
+    """Restart the board so main.py runs with the new files: `mpremote reset` (machine.reset(), as the reset
+    button) or, with hard=False, `soft-reset` (which, in the raw REPL, does not run main.py on most ports)."""
+    mpremote(port, "reset" if hard else "soft-reset", timeout=30)
 
 
 def _result(out: str) -> object:

@@ -61,19 +61,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also issue the broker's TLS certificate for this host name or IP (repeatable)")
     s.set_defaults(func=_broker_files)
 
+    s = sub.add_parser("boards", help="the attached boards: USB serial number, port, by-id path, USB chip")
+    _board_choice(s, port=False)
+    s.set_defaults(func=_boards)
+
     s = sub.add_parser("preflight", help="check a board on PORT: MicroPython version, .mpy ABI, free flash, clock, Ctrl-C")
-    s.add_argument("port", metavar="PORT", help="the board's serial port, e.g. /dev/ttyUSB0")
+    _board_choice(s)
     s.set_defaults(func=_preflight)
 
     s = sub.add_parser("flash", help="pre-flight, then copy the firmware (.mpy) and the node's files to the board on "
                                      "PORT; only what changed is copied, each file whole or not at all")
-    s.add_argument("port", metavar="PORT")
+    _board_choice(s)
     s.add_argument("--firmware", type=Path, default=Path("firmware"), metavar="DIR",
                    help="the firmware folder: main.py and yujing_node/ (default: %(default)s)")
     s.add_argument("--config", type=Path, metavar="FILE", help="written to the board as /config.json")
     s.add_argument("--node", metavar="ID", help="write the identity's secrets.json (from the site directory) as "
                                                "/secrets.json")
     s.set_defaults(func=_flash)
+
+    s = sub.add_parser("install", help="provision the boards of a plan in parallel: identity, files, firmware, "
+                                       "reboot, online check; an interrupted run resumes where it stopped")
+    s.add_argument("--plan", type=Path, required=True, metavar="PLAN.toml",
+                   help="the nodes (id, USB serial or port, location, config) and the broker (provisioning/README.md)")
+    s.add_argument("--fresh", action="store_true", help="ignore the journal: redo every step (each is safe to redo)")
+    s.add_argument("--by-id-dir", type=Path, default=Path("/dev/serial/by-id"), help=argparse.SUPPRESS)
+    s.set_defaults(func=_install)
+
+    s = sub.add_parser("verify", help="is node ID online: its birth (site, id, kind) and first readings on the broker, "
+                                      "read as the platform account")
+    s.add_argument("device_id", metavar="ID")
+    s.add_argument("--broker", required=True, metavar="HOST:PORT")
+    s.add_argument("--no-tls", action="store_true", help="username + password on a plain listener (loopback tests)")
+    s.add_argument("--timeout", type=float, default=120.0, metavar="S", help="how long to wait (default: %(default)s)")
+    s.add_argument("--kind", default="node", choices=("node", "gateway"))
+    s.set_defaults(func=_verify)
+
+    s = sub.add_parser("gateway", help="the gateway's identity, secrets (0600), site file secret paths and systemd "
+                                       "unit, written into a target root (/ or a mounted SD card image)")
+    s.add_argument("device_id", metavar="ID", help="the gateway id: [site] gateway in its site file")
+    s.add_argument("--target", type=Path, required=True, metavar="DIR", help="the gateway's root folder")
+    s.add_argument("--site-file", type=Path, default=Path("etc/yujing/site.toml"), metavar="PATH",
+                   help="the site file, relative to DIR (default: %(default)s)")
+    s.add_argument("--template", type=Path, metavar="FILE", help="start the site file from FILE when it does not exist")
+    s.add_argument("--serial", help="the gateway's serial or host name, for the inventory (default: 'gateway ID')")
+    s.add_argument("--location", default="gateway", help="where it is installed, in words")
+    s.add_argument("--python", default="/usr/bin/python3", help="the gateway's Python (with yujing installed) for "
+                                                                "the unit's ExecStart (default: %(default)s)")
+    s.add_argument("--user", default="yujing", help="the service's user (default: %(default)s)")
+    s.add_argument("--owner", metavar="UID:GID",
+                   help="chown the secrets and state folder to it (as root, for an image)")
+    s.add_argument("--broker-files", type=Path, metavar="OUTDIR", help="also rewrite the broker files there")
+    s.set_defaults(func=_gateway)
 
     s = sub.add_parser("list", help="the inventory: every device, its board, location and status")
     s.add_argument("--json", action="store_true", help="print inventory.json as it is")
@@ -89,7 +127,7 @@ def _run(step: Step) -> Step:
 
     def wrapped(args: argparse.Namespace) -> int:
         try:
-            if args.provision_command in ("list", "preflight", "flash"):
+            if args.provision_command in ("list", "preflight", "flash", "boards", "verify"):
                 return step(args)  # reads the site only, if at all
             with _site(args).locked(create=args.provision_command == "init-site"):
                 return step(args)
@@ -160,11 +198,98 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _board_choice(s: argparse.ArgumentParser, *, port: bool = True) -> None:
+    if port:
+        s.add_argument("port", nargs="?", metavar="PORT", help="the board's port, best its /dev/serial/by-id/… path "
+                                                               "(default: the one attached board)")
+        s.add_argument("--serial", metavar="SERIAL", help="choose the board by its USB serial number (see `boards`)")
+    s.add_argument("--by-id-dir", type=Path, default=Path("/dev/serial/by-id"), help=argparse.SUPPRESS)
+
+
+def _port(args: argparse.Namespace) -> str:
+    """The board the technician named (a port or --serial), or the only one attached; never a guess."""
+    from . import discover
+
+    if args.port is not None and args.serial is None:
+        discover.check_port(args.port)  # a clear message before mpremote's
+        return str(args.port)
+    return discover.choose(discover.list_boards(args.by_id_dir), serial=args.serial, port=args.port).port
+
+
+@_run
+def _boards(args: argparse.Namespace) -> int:
+    from . import discover
+
+    boards = discover.list_boards(args.by_id_dir)
+    for b in boards:
+        print(b.line())
+    if not boards:
+        print("no USB serial board attached (check the cable: a charge-only cable has no data lines)")
+    elif len(boards) > 1:
+        print(f"{len(boards)} boards: name one with --serial SERIAL or its /dev/serial/by-id/… path")
+    return 0
+
+
 @_run
 def _preflight(args: argparse.Namespace) -> int:
     from . import board
 
-    print("\n".join(board.preflight(args.port).lines()))
+    print("\n".join(board.preflight(_port(args)).lines()))
+    return 0
+
+
+@_run
+def _install(args: argparse.Namespace) -> int:
+    from .runner import Runner, load_plan, make_progress, report_lines
+
+    plan = load_plan(args.plan)
+    runner = Runner(_site(args), plan, technician=args.technician, by_id_dir=args.by_id_dir, fresh=args.fresh,
+                    progress=make_progress(n.node_id for n in plan.nodes))
+    try:
+        report = runner.run()
+    except KeyboardInterrupt:
+        print("interrupted: the boards keep their old files where a copy was cut; run the same command again to "
+              "resume (the journal is in " f"{runner.journal.path})", file=sys.stderr)
+        return 130
+    print("\n".join(report_lines(report)))
+    return 0 if report.ok else 1
+
+
+@_run
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import BrokerAccess, verify_online_sync
+
+    site = _site(args)
+    inv = site.load()
+    host, _, port = args.broker.rpartition(":")
+    if not host or not port.isdigit():
+        from . import ProvisionError
+
+        raise ProvisionError(f"--broker {args.broker!r}: HOST:PORT, e.g. broker.xishan.local:8883")
+    access = BrokerAccess.platform(site, host, int(port), tls=not args.no_tls)
+    # no reboot here: the retained birth of the node's current session counts, then its next live data
+    result = verify_online_sync(access, inv.site, args.device_id, timeout_s=args.timeout, prefix=inv.prefix,
+                                kind=args.kind, since_ms=0)
+    print(result.line())
+    return 0 if result.online else 1
+
+
+@_run
+def _gateway(args: argparse.Namespace) -> int:
+    from . import ProvisionError
+    from .gateway_install import install_gateway
+
+    owner = None
+    if args.owner:
+        uid, _, gid = args.owner.partition(":")
+        if not uid.isdigit() or not (gid or uid).isdigit():
+            raise ProvisionError(f"--owner {args.owner!r}: numeric UID:GID (as in the image's /etc/passwd)")
+        owner = (int(uid), int(gid or uid))
+    result = install_gateway(_site(args), args.device_id, args.target, technician=args.technician,
+                             template=args.template, site_file=args.site_file, serial=args.serial,
+                             location=args.location, python=args.python, user=args.user, owner=owner,
+                             broker_files=args.broker_files)
+    print("\n".join(result.lines()))
     return 0
 
 
@@ -180,11 +305,12 @@ def _flash(args: argparse.Namespace) -> int:
         if not secrets.exists():
             raise ProvisionError(f"{secrets} is missing: run `yujing provision add-node {args.node} …` first")
         extra["/secrets.json"] = secrets.read_bytes()
-    print("\n".join(board.preflight(args.port).lines()))
-    report = board.sync_firmware(args.port, board.compile_firmware(args.firmware))
+    port = _port(args)
+    print("\n".join(board.preflight(port).lines()))
+    report = board.sync_firmware(port, board.compile_firmware(args.firmware))
     print(f"firmware: {report.line()}")
     if extra:
-        files = board.sync_firmware(args.port, extra)  # secrets are never printed, only their path on the board
+        files = board.sync_firmware(port, extra)  # secrets are never printed, only their path on the board
         print(f"node files: {files.line()}")
     return 0
 

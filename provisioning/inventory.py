@@ -20,6 +20,8 @@ from .atomic import PUBLIC, write_atomic
 FORMAT = 1
 INSTALLED = "installed"
 REVOKED = "revoked"
+NODE = "node"
+GATEWAY = "gateway"
 
 
 def utc_now() -> str:
@@ -62,6 +64,7 @@ class Device:
     replaces: str | None = None
     replaced_by: str | None = None
     revoked_at: str | None = None
+    kind: str = NODE  # "node" or "gateway" (`yujing provision gateway`); older inventories hold nodes only
 
 
 @dataclass

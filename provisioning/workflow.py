@@ -20,7 +20,7 @@ from . import ProvisionError
 from .atomic import PRIVATE, PUBLIC, private_dir, write_atomic
 from .broker_files import TopicLayout, acl_file, password_file
 from .identity import PLATFORM, IdentityStore, SiteCA, check_id, crl_pem, fingerprint, issue
-from .inventory import INSTALLED, REVOKED, Device, Inventory, Rekey, sha256_path, utc_now
+from .inventory import INSTALLED, NODE, REVOKED, Device, Inventory, Rekey, sha256_path, utc_now
 
 INVENTORY = "inventory.json"
 
@@ -83,7 +83,7 @@ class Site:
     # --- add-node -----------------------------------------------------------------------------------------
 
     def add_node(self, device_id: str, *, serial: str, location: str, technician: str,
-                 firmware: Path | None = None, config: Path | None = None) -> Outcome:
+                 firmware: Path | None = None, config: Path | None = None, kind: str = NODE) -> Outcome:
         check_id(device_id)
         if device_id == PLATFORM:
             raise ProvisionError(f"device id {PLATFORM!r} is the site's platform account; choose another id")
@@ -95,6 +95,9 @@ class Site:
             if known.status == REVOKED:
                 raise ProvisionError(f"{device_id} was revoked on {known.revoked_at}; a revoked id is never reused — "
                                      f"choose a new id")
+            if known.kind != kind:
+                raise ProvisionError(f"{device_id} is already a {known.kind} of this site; choose another id for "
+                                     f"the {kind}")
             if known.board_serial != serial:
                 raise ProvisionError(f"{device_id} is already installed on board {known.board_serial} at "
                                      f"{known.location!r}; for a new board use `yujing provision replace {device_id} NEW_ID "
@@ -107,7 +110,7 @@ class Site:
         hashes = _hashes(firmware, config)
         creds = self.store.ensure(self.store.load_ca(), device_id)
         inv.devices[device_id] = Device(device_id, serial, location, technician, utc_now(), fingerprint(creds.cert),
-                                        creds.serial_hex, *hashes)
+                                        creds.serial_hex, *hashes, kind=kind)
         inv.save(self.inventory_path)
         return Outcome(True, f"{device_id} on board {serial}: certificate {fingerprint(creds.cert)}; copy "
                              f"{creds.secrets_path} to the board as /secrets.json")
