@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tests.firmware_helpers import CHECKS, FIRMWARE, SIM, compile_firmware, firmware_sources
 
-MPY_BUDGET = 40 * 1024  # bytes of .mpy for the whole firmware; raise it deliberately, with a reason
+MPY_BUDGET = 56 * 1024  # bytes of .mpy for the whole firmware; raise it deliberately, with a reason
+# (40 -> 56 KB: TLS, signed commands (COSE_Mac0 verifier, strict CBOR reader), alarm events and latching, issue 9)
 
 
 def test_every_firmware_file_compiles_and_fits_the_budget(tmp_path: Path) -> None:

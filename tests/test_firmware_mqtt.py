@@ -259,7 +259,8 @@ def test_sleeping_node_announces_back_at_and_leaves_no_will(mosquitto, tmp_path)
 
 
 def test_node_subscribes_to_its_command_topic(mosquitto, tmp_path) -> None:
-    """The wire format defines no commands yet: the node subscribes (QoS 1), receives and logs."""
+    """The node subscribes (QoS 1), receives, and refuses what is no signed command for it (this node has no
+    command key; signed commands are tested in tests/test_firmware_unix.py)."""
     board, node_id, base = node_setup(tmp_path, mosquitto, mqtt={"commands": True})
     node = fixtures.make_node(board)
     node.run(max_cycles=1)
@@ -271,8 +272,8 @@ def test_node_subscribes_to_its_command_topic(mosquitto, tmp_path) -> None:
     sender.loop_stop()
     for _ in range(50):
         node.idle()
-        if any("command on" in line for line in board.logs):
+        if any("yujing: command " in line for line in board.logs):
             break
         HostClock().sleep_ms(20)
-    assert any(f"command on {base}/cmd (3 bytes) ignored" in line for line in board.logs), board.logs
+    assert any("rejected (unauthorised): this node has no command key" in line for line in board.logs), board.logs
     node.client.disconnect()

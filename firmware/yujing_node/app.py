@@ -37,7 +37,7 @@ def load(board, retry_ms=30000, max_tries=None):
     tries = 0
     while True:
         try:
-            return config.load(board.path(config.CONFIG_FILE), board.path(config.SECRETS_FILE))
+            return config.load(board.path(config.CONFIG_FILE), board.path(config.SECRETS_FILE), board.path)
         except ConfigError as e:
             tries += 1
             board.log("yujing: config error: %s (retry %d in %d s)" % (e, tries, retry_ms // 1000))

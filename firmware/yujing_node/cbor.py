@@ -93,6 +93,16 @@ class Writer:
         self.buf[self.n : self.n + len(b)] = b
         self.n += len(b)
 
+    def bytes(self, b):
+        self.head(2, len(b))
+        self.raw(b)
+
+    def raw(self, b):
+        """Bytes that already are CBOR (an item encoded earlier)."""
+        self._room(len(b))
+        self.buf[self.n : self.n + len(b)] = b
+        self.n += len(b)
+
     def array(self, count):
         self.head(4, count)
 

@@ -6,6 +6,7 @@ ConfigError naming the file and the key path, e.g.
     /config.json: sensors[1].scale: expected a decimal string such as "0.01"
 """
 
+import binascii
 import json
 
 from . import dec
@@ -174,6 +175,7 @@ class Rule:
             raise f.error("point", "no point %r (known: %s)" % (ref, ", ".join(index_of)))
         self.point = index_of[ref]
         self.id = f.text("id", ref)
+        self.latch = f.flag("latch", False)  # hold the highest level reached until acknowledged (an "ack" command)
         self.high = f.choice("direction", ("high", "low"), "high") == "high"
         self.on_delay = f.integer("on_delay_count", 1, 1, 255)
         self.off_delay = f.integer("off_delay_count", 1, 1, 255)
@@ -210,6 +212,15 @@ class Rule:
                         % (dec.to_str(sm, se), "above" if self.high else "below", dec.to_str(ps[0], ps[1])),
                     )
             self.levels.append((lv, (sm, se, sm * 10.0**se), (cm, ce, cm * 10.0**ce)))
+        # limits: the range a "threshold" command may move this rule's set and clear values within; without
+        # it the rule's thresholds cannot be changed remotely
+        self.limits = None
+        lim = f.obj("limits", None)
+        if lim is not None:
+            self.limits = (lim.decimal("min"), lim.decimal("max"))
+            lim.done()
+            if dec.cmp(self.limits[0][0], self.limits[0][1], self.limits[1][0], self.limits[1][1]) > 0:
+                raise lim.error("max", "below min")
         f.done()
 
 
@@ -229,7 +240,17 @@ class Config:
         self.host = m.text("host", max_len=253)
         if " " in self.host:
             raise m.error("host", "a host name or address has no spaces")
-        self.port = m.integer("port", 1883, 1, 65535)
+        self.tls = m.flag("tls", False)  # then ca_file, cert_file, key_file: DER files on the flash (load_tls)
+        self.port = m.integer("port", 8883 if self.tls else 1883, 1, 65535)
+        self.tls_files = None
+        if self.tls:
+            self.tls_files = {k: m.text(k + "_file", d) for k, d in (("ca", "/ca.der"), ("cert", "/cert.der"),
+                                                                     ("key", "/key.der"))}
+        else:
+            for k in ("ca_file", "cert_file", "key_file"):
+                if m.d.get(k) is not None:
+                    raise m.error(k, "only with \"tls\": true")
+                m.seen.append(k)
         self.prefix = m.text("prefix", "yujing/v1", max_len=128)
         if not _prefix_ok(self.prefix):
             raise m.error("prefix", "%r: printable ASCII topic levels, none empty, no '+' or '#'" % self.prefix)
@@ -241,6 +262,8 @@ class Config:
             if not (33 <= ord(c) <= 126):
                 raise m.error("client_id", "printable ASCII only (no spaces)")
         self.commands = m.flag("commands", False)
+        # alarm changes as alarm messages plus the retained alarms state (off: the node only alarms locally)
+        self.alarm_events = m.flag("alarm_events", False)
         m.done()
 
         n = f.obj("network", None)
@@ -318,6 +341,16 @@ class Secrets:
         self.wifi_password = f.text("wifi_password", None, max_len=64)
         self.mqtt_username = f.text("mqtt_username", None, max_len=256)
         self.mqtt_password = f.text("mqtt_password", None, max_len=256)
+        # the node's own key for signed commands (COSE_Mac0, HMAC-SHA256): 32 bytes as 64 hex digits
+        self.command_key = None
+        key = f.text("command_key", None, max_len=64)
+        if key is not None:
+            try:
+                self.command_key = binascii.unhexlify(key) if len(key) == 64 else None
+            except ValueError:
+                pass
+            if self.command_key is None:
+                raise f.error("command_key", "expected 64 hex digits (a 32-byte key)")
         f.done()
 
 
@@ -336,6 +369,34 @@ def read_json(path):
         raise ConfigError(path, "", "not valid JSON") from None
 
 
-def load(config_path=CONFIG_FILE, secrets_path=SECRETS_FILE):
+def load_tls(cfg, path=lambda p: p, config_path=CONFIG_FILE):
+    """{"ca", "cert", "key"}: the TLS files' bytes (cert and key None when the key file is absent: a broker
+    that takes passwords over TLS), checked to be DER, which is all this MicroPython's mbedTLS parses."""
+    out = {}
+    for k, name in cfg.tls_files.items():
+        field = "mqtt.%s_file" % k
+        try:
+            with open(path(name), "rb") as fh:
+                data = fh.read()
+        except OSError:
+            if k != "ca" and name == ("/cert.der" if k == "cert" else "/key.der"):
+                out[k] = None  # the default names and no file: no client certificate
+                continue
+            raise ConfigError(config_path, field, "%s: cannot read the file (missing?): provision it" % name) from None
+        if not data or data[0] != 0x30:
+            raise ConfigError(
+                config_path, field, "%s: not DER (a PEM file? convert it: openssl x509|pkey -outform DER)" % name
+            )
+        out[k] = data
+    if (out["cert"] is None) != (out["key"] is None):
+        raise ConfigError(
+            config_path, "mqtt.cert_file", "a client certificate needs its key, and a key its certificate"
+        )
+    return out
+
+
+def load(config_path=CONFIG_FILE, secrets_path=SECRETS_FILE, path=lambda p: p):
     """(Config, Secrets). Provisioning always writes both files; secrets.json may be {}."""
-    return Config(read_json(config_path), config_path), Secrets(read_json(secrets_path), secrets_path)
+    cfg = Config(read_json(config_path), config_path)
+    cfg.tls = load_tls(cfg, path, config_path) if cfg.tls else None
+    return cfg, Secrets(read_json(secrets_path), secrets_path)

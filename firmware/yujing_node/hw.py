@@ -1,5 +1,5 @@
 """The thin hardware layer for an ESP32 running MicroPython: the only module that touches
-machine, network, socket, esp32 and ntptime. Everything else receives a board and calls the
+machine, network, socket, ssl, esp32 and ntptime. Everything else receives a board and calls the
 methods below, so the host tests can pass a simulated board (firmware/host/sim/simboard.py)
 that has exactly these methods.
 
@@ -58,6 +58,7 @@ class Board:
         self.status_led = status_led
         self._wlan = None
         self._ppp = None
+        self._tls = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -225,7 +226,10 @@ class Board:
             time.sleep_ms(500)
             uart.read()
 
-    def connect(self, host, port, timeout_ms):
+    def connect(self, host, port, timeout_ms, tls=None):
+        """A stream to the broker with write/readinto/settimeout/close (what mqtt.Client needs). With `tls`
+        (config.load_tls: the site CA and the node's certificate and key, DER), TLS with the CA required and
+        the host name checked; a handshake failure (unknown CA, revoked or wrong certificate) is an OSError."""
         import socket
 
         ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
@@ -233,7 +237,74 @@ class Board:
         s.settimeout(timeout_ms / 1000)
         try:
             s.connect(ai[-1])
+            if tls is None:
+                return s
+            return _TlsStream(self._tls_context(tls).wrap_socket(s, server_hostname=host), timeout_ms)
         except OSError:
             s.close()
             raise
-        return s
+
+    def _tls_context(self, tls):
+        """One SSLContext for every connect: the CA and the key are parsed once (mbedTLS keeps them)."""
+        if self._tls is None:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            try:
+                ctx.load_verify_locations(cadata=tls["ca"])
+                if tls.get("cert") is not None:
+                    ctx.load_cert_chain(tls["cert"], tls["key"])
+            except ValueError as e:  # mbedTLS could not parse a file: say so, as a failed connect
+                raise OSError("TLS files: %s" % e) from None
+            self._tls = ctx
+        return self._tls
+
+
+class _TlsStream:
+    """An SSL socket as mqtt.Client wants a stream. MicroPython's SSLSocket has no settimeout, and a blocking
+    read that times out underneath leaves mbedTLS with an error; so the socket is non-blocking and waits happen
+    in poll(), which also reports bytes mbedTLS has already decrypted but not yet handed out."""
+
+    def __init__(self, tls, timeout_ms):
+        import select
+
+        self.s = tls
+        tls.setblocking(False)
+        self.poll = select.poll()
+        self.poll.register(tls, select.POLLIN)
+        self._in = select.POLLIN
+        self._out = select.POLLOUT
+        self.timeout_ms = timeout_ms
+
+    def settimeout(self, t):
+        self.timeout_ms = int(t * 1000) if t else 0
+
+    def _wait(self, mask, deadline):
+        self.poll.modify(self.s, mask)
+        left = time.ticks_diff(deadline, time.ticks_ms())
+        return left > 0 and bool(self.poll.poll(left))
+
+    def readinto(self, buf):
+        """Bytes read, 0 at EOF, None when nothing came within the timeout."""
+        deadline = time.ticks_add(time.ticks_ms(), self.timeout_ms)
+        while True:
+            n = self.s.readinto(buf)
+            if n is not None:
+                return n
+            if not self.timeout_ms or not self._wait(self._in, deadline):
+                return None
+
+    def write(self, buf):
+        mv = memoryview(buf)
+        deadline = time.ticks_add(time.ticks_ms(), self.timeout_ms or 5000)
+        while mv:
+            n = self.s.write(mv)
+            if n:
+                mv = mv[n:]
+            elif not self._wait(self._out, deadline):
+                raise OSError(110)  # ETIMEDOUT: the broker does not take our bytes
+        return len(buf)
+
+    def close(self):
+        self.s.close()

@@ -10,10 +10,19 @@ cycle's readings go out live as one data message at QoS 1; when that is impossib
 ring buffer and are sent later, oldest first and flagged historical, a few messages per cycle.
 A sleeping node publishes death reason sleeping with back_at, disconnects cleanly (so the will
 is not sent) and deep-sleeps until back_at; its session continues when it wakes.
+
+Alarm changes (rules.Alarms.events) go out as alarm messages (their own seq, persisted with any unsent
+events in /alarms.json) before the cycle's data, followed by the retained alarms state. Offline, up to
+MAX_PENDING_EVENTS wait on flash and go out (historical when older than 60 s) right after the next birth;
+beyond that the oldest are dropped with a log line, and the retained state sent on every connect still
+says where every alarm stands. Signed commands (command.py) arrive on cmd, are handled between cycles
+and answered on reply.
 """
 
 import binascii
 import gc
+import json
+import os
 
 from . import VERSION
 from .cbor import Writer
@@ -23,7 +32,18 @@ from .ring import Ring
 from .rules import Alarms
 from .sched import backoff_ms, next_due
 from .state import SEQ_RESERVE, State
-from .wire import DEATH_LOST, DEATH_SLEEPING, encode_birth, encode_data, encode_death, topic
+from .wire import (
+    DEATH_LOST,
+    DEATH_SLEEPING,
+    encode_alarm,
+    encode_alarms,
+    encode_birth,
+    encode_data,
+    encode_death,
+    encode_reply,
+    topic,
+    value_map,
+)
 
 try:
     from micropython import const
@@ -35,6 +55,14 @@ except ImportError:  # CPython
 
 RING_DIR = "/ring"
 STATE_FILE = "/state.json"
+ALARMS_FILE = "/alarms.json"
+COMMANDS_FILE = "/commands.json"
+MAX_PENDING_EVENTS = const(8)
+_HISTORICAL_MS = const(60000)
+_LEVEL_NAMES = ("NONE", "IV_BLUE", "III_YELLOW", "II_ORANGE", "I_RED")
+_KIND_WORDS = ("raised", "escalated", "de_escalated", "cleared", "acknowledged", "fault", "fault_cleared")
+_INBOX = const(4)  # commands held between two polls
+_REJECT_BURST = const(10)  # rejection replies per minute at most (a flood is not answered)
 _FLUSH_MESSAGES = const(4)  # historical messages per cycle: bounds the cycle's time
 _BYTES_PER_READING = const(26)  # worst case in a data message: dt, point, value, quality
 
@@ -62,6 +90,21 @@ class Node:
         self.t_data = topic(cfg.prefix, cfg.site, cfg.node_id, "data")
         self.t_death = topic(cfg.prefix, cfg.site, cfg.node_id, "death")
         self.t_cmd = topic(cfg.prefix, cfg.site, cfg.node_id, "cmd")
+        self.t_alarm = topic(cfg.prefix, cfg.site, cfg.node_id, "alarm")
+        self.t_alarms = topic(cfg.prefix, cfg.site, cfg.node_id, "alarms")
+        self.t_reply = topic(cfg.prefix, cfg.site, cfg.node_id, "reply")
+        self.alarm_seq = 1
+        self.pending_events = []  # (kind, rule, old, new, ts, values, message, by), not yet published
+        self.since = [0] * len(cfg.rules)
+        self.alarms_path = board.path(ALARMS_FILE)
+        self.report_now = False
+        self.inbox = []  # the raw bytes of commands waiting to be handled
+        self.busy = 0  # commands refused because the inbox was full
+        self.cmd_counter = 0
+        self.thresholds = {}
+        self._rejects = 0
+        self._reject_window = 0
+        self.cmd_kid = None
         enc = lambda s: s.encode() if s is not None else None  # noqa: E731
         self.client = Client(
             cfg.client_id.encode(),
@@ -70,6 +113,7 @@ class Node:
             enc(secrets.mqtt_username),
             enc(secrets.mqtt_password),
             cfg.publish_timeout_ms,
+            512 if cfg.commands else 256,
         )
         self.client.on_message = self.on_command
         self.secrets = secrets
@@ -80,6 +124,12 @@ class Node:
         self.state_path = board.path(STATE_FILE)
         self.wdt = None
         self.cycles = 0
+        self.commands_path = board.path(COMMANDS_FILE)
+        if cfg.commands and secrets.command_key is not None:
+            from .command import kid_of
+
+            self.cmd_kid = kid_of(secrets.command_key)
+        self._load_commands()
 
     # ------------------------------------------------------------ start
 
@@ -112,6 +162,7 @@ class Node:
             for s, n in zip(self.cfg.sensors, st.counters):
                 if hasattr(s, "resume"):
                     s.resume(n)
+        self._load_alarms()
         if cause == "pin":
             for s in self.cfg.sensors:
                 if hasattr(s, "tip"):
@@ -136,11 +187,14 @@ class Node:
         for s in self.cfg.sensors:
             s.read(b, now)
         top = self.alarms.evaluate(b)
+        self.take_events(now, b)
         self.feed()
         if self.cfg.sleep:
             self.back_at = next_due(now, self.cfg.period_ms)
         if not self.connected and now >= self.next_try:
             self.connect(now)
+        if self.connected and self.pending_events and self.cfg.alarm_events:
+            self.send_alarms(now)
         if self.connected:
             if self.publish(b, False):
                 self.flush()
@@ -180,7 +234,10 @@ class Node:
         try:
             if not self.board.net_up(cfg.net, self.secrets, self.feed):
                 raise OSError("network not up")
-            sock = self.board.connect(cfg.host, cfg.port, cfg.publish_timeout_ms)
+            if cfg.tls:
+                sock = self.board.connect(cfg.host, cfg.port, cfg.publish_timeout_ms, cfg.tls)
+            else:
+                sock = self.board.connect(cfg.host, cfg.port, cfg.publish_timeout_ms)
             self.client.set_will(self.t_death, bytes(encode_death(w, st.session, DEATH_LOST)), 1, True)
             self.client.connect(sock)
             birth = encode_birth(
@@ -197,8 +254,12 @@ class Node:
             self.client.publish(self.t_birth, birth, 1, True)
             if cfg.commands:
                 self.client.subscribe(self.t_cmd, 1)
+            self.connected = True
+            if cfg.alarm_events and cfg.rules and not self.send_alarms(now, True):
+                raise OSError("alarm state not acknowledged")
         except (OSError, MQTTError) as e:
             self.client.close()
+            self.connected = False
             st.fails += 1
             delay = backoff_ms(st.fails, self.salt)
             self.next_try = st.retry_at = now + delay
@@ -247,18 +308,246 @@ class Node:
             st.dropped = self.ring.dropped
             st.save_file(self.state_path)
 
+    # ------------------------------------------------------------ alarm events
+
+    def take_events(self, now, batch):
+        """Turn the rules' new events into pending alarm events (values copied out of the batch)."""
+        ev = self.alarms.events
+        if not self.cfg.alarm_events:
+            ev.clear()
+            self.alarms.lost_events = 0
+            return
+        if not ev and not self.alarms.lost_events:
+            return
+        rules = self.cfg.rules
+        for kind, k, old, new, i, by in ev:
+            rid = rules[k].id
+            if kind == 4:
+                msg = "%s acknowledged at %s by %s" % (rid, _LEVEL_NAMES[new], by)
+            elif kind >= 5:
+                msg = "%s %s (level kept at %s)" % (rid, "fault" if kind == 5 else "fault cleared", _LEVEL_NAMES[new])
+            else:
+                msg = "%s %s %s → %s" % (rid, _KIND_WORDS[kind], _LEVEL_NAMES[old], _LEVEL_NAMES[new])
+                self.since[k] = now
+            if len(self.pending_events) >= MAX_PENDING_EVENTS:
+                self.pending_events.pop(0)
+                self.log("yujing: alarm event queue full: the oldest event dropped (the retained state stays right)")
+            vals = value_map(self.writer, batch, i) if batch is not None else b"\xa0"
+            self.pending_events.append((kind, rid, old, new, now, vals, msg, by or ""))
+            self.log("yujing: alarm " + msg)
+        if self.alarms.lost_events:
+            self.log("yujing: %d alarm events dropped" % self.alarms.lost_events)
+            self.alarms.lost_events = 0
+        ev.clear()
+        self._save_alarms()
+
+    def alarm_states(self):
+        a = self.alarms
+        out = []
+        for k, r in enumerate(self.cfg.rules):
+            lv = a.level[k]
+            out.append((r.id, lv, a.cond[k], lv > a.cond[k], bool(a.acked[k]), bool(a.fault[k]), self.since[k],
+                        "bad reading" if a.fault[k] else ""))
+        return out
+
+    def send_alarms(self, now, state=False):
+        """Publish the pending events (one alarm message, QoS 1) and then the retained state (also when
+        `state`). False (and disconnected) when the broker did not acknowledge; the events stay pending."""
+        try:
+            ev = self.pending_events
+            if ev:
+                old = ev[0][4] < now - _HISTORICAL_MS
+                payload = encode_alarm(self.writer, self.state.session, self.alarm_seq, ev, old)
+                self.client.publish(self.t_alarm, payload, 1)
+                self.alarm_seq += 1
+                ev.clear()
+                self._save_alarms()
+                state = True
+            if state:
+                payload = encode_alarms(self.writer, self.state.session, now, self.alarm_states())
+                self.client.publish(self.t_alarms, payload, 1, True)
+        except (MQTTError, OSError) as e:
+            self.lost(e)
+            return False
+        return True
+
+    def _load_alarms(self):
+        try:
+            with open(self.alarms_path) as f:
+                d = json.loads(f.read())
+            if d["session"] == self.state.session:
+                self.alarm_seq = int(d["seq"])
+            self.pending_events = [tuple(e[:5]) + (binascii.unhexlify(e[5]), e[6], e[7]) for e in d["events"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass
+
+    def _save_alarms(self):
+        """The alarm seq and the unsent events, on flash (a rare write: alarms change seldom)."""
+        ev = [list(e[:5]) + [binascii.hexlify(e[5]).decode(), e[6], e[7]] for e in self.pending_events]
+        _write_json(self.alarms_path, {"session": self.state.session, "seq": self.alarm_seq, "events": ev})
+
+    # ------------------------------------------------------------ commands
+
     def on_command(self, topic_, payload):
-        # The wire format defines no commands yet (docs/wire-format.md): log and ignore.
-        self.log("yujing: command on %s (%d bytes) ignored: no commands defined" % (topic_.decode(), len(payload)))
+        """From inside the MQTT client's poll: keep the bytes; handle_command runs once poll() returned."""
+        if len(self.inbox) < _INBOX:
+            self.inbox.append(bytes(payload))
+        else:  # a burst beyond what we hold: answered as refused, never dropped unsaid
+            self.log("yujing: command refused: %d already waiting" % _INBOX)
+            self.busy += 1
+
+    def _load_commands(self):
+        """The last accepted counter (per key) and the thresholds commands have set, which stay set over
+        restarts; a stored threshold now outside the configured limits is dropped."""
+        try:
+            with open(self.commands_path) as f:
+                d = json.loads(f.read())
+        except (OSError, ValueError):
+            return
+        if self.cmd_kid is not None and d.get("kid") == binascii.hexlify(self.cmd_kid).decode():
+            self.cmd_counter = int(d.get("counter", 0))
+        for rid, entries in d.get("thresholds", {}).items():
+            for level, set_, clear in entries:
+                try:
+                    self.set_threshold(rid, level, set_, clear)
+                except ValueError as e:
+                    self.log("yujing: stored threshold for %s not applied: %s" % (rid, e))
+
+    def _save_commands(self, counter, thresholds):
+        _write_json(self.commands_path, {"kid": binascii.hexlify(self.cmd_kid).decode(), "counter": counter,
+                                         "thresholds": thresholds})
+
+    def set_threshold(self, rid, level, set_s, clear_s, dry=False):
+        """Move rule `rid`'s rung `level` to set/clear (decimal text; clear None keeps the rung's gap) within
+        the rule's limits, keeping the ladder ordered. ValueError says why not. Returns (old set, new set, clear)."""
+        from . import dec
+
+        rule = None
+        for r in self.cfg.rules:
+            if r.id == rid:
+                rule = r
+        if rule is None:
+            raise ValueError("no rule %s" % rid)
+        if rule.limits is None:
+            raise ValueError("rule %s has no limits configured: its thresholds are not remotely settable" % rid)
+        idx = None
+        for j, (lv, _, _) in enumerate(rule.levels):
+            if lv == level:
+                idx = j
+        if idx is None:
+            raise ValueError("rule %s has no level %s" % (rid, level))
+        _, old_set, old_clear = rule.levels[idx]
+        sm, se = dec.parse(set_s)
+        if clear_s is None:  # keep the hysteresis gap: clear = set - (old set - old clear)
+            e = min(se, old_set[1], old_clear[1])
+            cm = sm * 10 ** (se - e) - (old_set[0] * 10 ** (old_set[1] - e) - old_clear[0] * 10 ** (old_clear[1] - e))
+            ce = e
+        else:
+            cm, ce = dec.parse(clear_s)
+        (lo_m, lo_e), (hi_m, hi_e) = rule.limits
+        for m, e in ((sm, se), (cm, ce)):
+            if dec.cmp(m, e, lo_m, lo_e) < 0 or dec.cmp(m, e, hi_m, hi_e) > 0:
+                raise ValueError("%s is outside the limits %s..%s" % (dec.to_str(m, e), dec.to_str(lo_m, lo_e),
+                                                                      dec.to_str(hi_m, hi_e)))
+        c = dec.cmp(cm, ce, sm, se)
+        if (rule.high and c > 0) or (not rule.high and c < 0):
+            raise ValueError("clear %s is on the wrong side of set %s" % (dec.to_str(cm, ce), dec.to_str(sm, se)))
+        for j, (_, ps, _) in enumerate(rule.levels):
+            if j != idx:
+                c = dec.cmp(sm, se, ps[0], ps[1])
+                if (j < idx and (c <= 0 if rule.high else c >= 0)) or (j > idx and (c >= 0 if rule.high else c <= 0)):
+                    raise ValueError("set %s would break the order of the rule's levels" % dec.to_str(sm, se))
+        if not dry:
+            rule.levels[idx] = (level, (sm, se, sm * 10.0**se), (cm, ce, cm * 10.0**ce))
+            entries = [x for x in self.thresholds.get(rid, []) if x[0] != level]
+            entries.append([level, dec.to_str(sm, se), dec.to_str(cm, ce)])
+            self.thresholds[rid] = entries
+        return dec.to_str(old_set[0], old_set[1]), dec.to_str(sm, se), dec.to_str(cm, ce)
+
+    def handle_command(self):
+        """Verify, check freshness and replay, persist the counter, carry out, answer on reply."""
+        from . import command as cm
+
+        raw = self.inbox.pop(0)
+        tag = cm.digest(raw)
+        rid = None
+        try:
+            payload = cm.verify(raw, self.secrets.command_key, self.cmd_kid)
+            c = cm.parse(payload, self.cfg.site, self.cfg.node_id)
+            rid = c.id
+            clock = self.clock
+            if hasattr(clock, "valid") and clock.valid():
+                skew = c.ts - clock.epoch_ms()
+                if skew > 300000 or skew < -300000:
+                    raise cm.Rejected(
+                        "stale", "stale or future timestamp (%+d s from the node's clock)" % (skew // 1000)
+                    )
+            if c.counter <= self.cmd_counter:
+                raise cm.Rejected("replay", "replayed (counter %d is not above %d)" % (c.counter, self.cmd_counter))
+            k = None
+            for j, r in enumerate(self.cfg.rules):
+                if r.id == c.rule:
+                    k = j
+            if c.command != "report" and k is None:
+                raise cm.Rejected("content", "no rule %s on this node" % c.rule)
+            thresholds = self.thresholds
+            if c.command == "threshold":
+                try:
+                    self.set_threshold(c.rule, c.level, c.value, c.clear, True)
+                except ValueError as e:
+                    raise cm.Rejected("content", str(e)) from None
+                thresholds = dict(thresholds)
+                kept = [x for x in thresholds.get(c.rule, []) if x[0] != c.level]
+                thresholds[c.rule] = kept + [[c.level, c.value, c.clear]]
+            try:
+                self._save_commands(c.counter, thresholds)  # before it runs: a replay fails after a reboot too
+            except OSError as e:
+                raise cm.Rejected("storage", "cannot record its counter against replay (%s)" % e) from None
+            self.cmd_counter = c.counter
+        except cm.Rejected as e:
+            self.log("yujing: command %s rejected (%s): %s" % (binascii.hexlify(tag).decode(), e.reason, e))
+            now = self.clock.ticks_ms()
+            if self.clock.ticks_diff(now, self._reject_window) >= 60000:
+                self._reject_window, self._rejects = now, 0
+            self._rejects += 1
+            if self._rejects <= _REJECT_BURST:
+                self.reply(rid, False, "rejected (%s): %s" % (e.reason, e), tag)
+            return
+        now = self.clock.epoch_ms()
+        if c.command == "ack":
+            lv = self.alarms.level[k]
+            ok = self.alarms.acknowledge(k, c.by)
+            self.take_events(now, None)
+            msg = "acknowledged %s at %s" % (c.rule, _LEVEL_NAMES[lv]) if ok else "%s: nothing to acknowledge" % c.rule
+        elif c.command == "threshold":
+            old, new, clear = self.set_threshold(c.rule, c.level, c.value, c.clear)
+            msg = "%s %s set %s clear %s (was %s)" % (c.rule, _LEVEL_NAMES[c.level], new, clear, old)
+            ok = True
+        else:
+            self.report_now = True
+            msg, ok = "report requested", True
+        self.log("yujing: command %s by %s: %s" % (c.command, c.by, msg))
+        self.reply(rid, ok, msg, tag)
+        if self.connected and c.command == "ack" and ok and self.cfg.alarm_events:
+            self.send_alarms(now, True)
+
+    def reply(self, rid, ok, msg, tag):
+        if self.connected:
+            try:
+                self.client.publish(self.t_reply, encode_reply(self.writer, rid, ok, msg, tag), 1)
+            except (MQTTError, OSError) as e:
+                self.lost(e)
 
     def idle(self):
-        """Between cycles: serve keep-alive and incoming messages."""
+        """Between cycles: serve keep-alive and incoming messages, and carry out a command that came."""
         if self.connected:
             try:
                 self.client.poll()
                 self.client.ping_if_due()
             except (MQTTError, OSError) as e:
                 self.lost(e)
+        while self.inbox:
+            self.handle_command()
 
     # ------------------------------------------------------------ run
 
@@ -308,8 +597,21 @@ class Node:
                 break
             while True:
                 left = due - self.clock.epoch_ms()
-                if left <= 0:
+                if left <= 0 or self.report_now:
+                    self.report_now = False
                     break
                 self.feed()
                 self.idle()
                 self.clock.sleep_ms(left if left < 1000 else 1000)
+
+
+def _write_json(path, d):
+    """Replace a small JSON file atomically (LittleFS rename), as state.py does."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(d))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # FAT: cannot rename over a file
+        os.remove(path)
+        os.rename(tmp, path)

@@ -27,7 +27,7 @@ except ImportError:  # CPython
 
 SEQ_RESERVE = const(64)
 _MAGIC = const(0x4A59)
-_VERSION = const(1)
+_VERSION = const(2)  # 2: 12 bytes of rule state per rule (latch: condition level, acked)
 # magic ver nsensors session seq seq_reserved session_start back_at retry_at tail tidx fails dropped
 _HEAD = "<HBBIIIQQQIHHI"
 _HEAD_SIZE = const(52)
@@ -46,7 +46,7 @@ class State:
         self.fails = 0  # consecutive failed connects, for the backoff
         self.dropped = 0
         self.counters = [0] * nsensors
-        self.levels = bytearray(10 * nrules)  # rules.STATE_BYTES per rule
+        self.levels = bytearray(12 * nrules)  # rules.STATE_BYTES per rule
         self.stage_bytes = stage_bytes
         self._off_levels = _HEAD_SIZE + 4 * nsensors
         self._off_stage = self._off_levels + len(self.levels)

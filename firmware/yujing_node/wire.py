@@ -30,6 +30,12 @@ _K_DROPPED = const(11)
 _K_BACK_AT = const(12)
 _K_KIND = const(13)
 _K_REASON = const(14)
+_K_EVENTS = const(15)
+_K_ALARMS = const(16)
+_K_ID = const(23)
+_K_OK = const(26)
+_K_MESSAGE = const(27)
+_K_DIGEST = const(29)
 
 DEATH_CLEAN = const(0)
 DEATH_LOST = const(1)
@@ -37,8 +43,99 @@ DEATH_SLEEPING = const(2)
 
 
 def topic(prefix, site, node_id, kind):
-    """`<prefix>/<site>/<node_id>/<kind>` as bytes (kind: "birth", "data" or "death")."""
+    """`<prefix>/<site>/<node_id>/<kind>` as bytes (birth, data, death, alarm, alarms, cmd, reply)."""
     return ("%s/%s/%s/%s" % (prefix, site, node_id, kind)).encode()
+
+
+def value_map(w, b, i):
+    """{point: value} of reading i of Batch b, as an alarm event carries it; the CBOR bytes (kept with the
+    event until it is sent, the batch being reused)."""
+    w.reset()
+    if i < 0:
+        w.map(0)
+    else:
+        w.map(1)
+        w.int(b.point(i))
+        _value(w, b, i)
+    return bytes(w.view())
+
+
+def encode_alarm(w, session, seq, events, historical=False):
+    """One alarm message (gateway/wire.py encode_alarm): events are
+    (kind, rule, old, new, ts_ms, values as CBOR bytes (value_map), message, by), in the order they happened."""
+    t0 = min(e[4] for e in events)
+    w.reset()
+    w.map(6 if historical else 5)
+    w.head(0, _K_VERSION)
+    w.head(0, _VERSION)
+    w.head(0, _K_SESSION)
+    w.int(session)
+    w.head(0, _K_SEQ)
+    w.int(seq)
+    w.head(0, _K_T0)
+    w.int(t0)
+    if historical:
+        w.head(0, _K_HISTORICAL)  # 5 sorts before 15
+        w.bool(True)
+    w.head(0, _K_EVENTS)
+    w.array(len(events))
+    for kind, rule, old, new, ts, values, message, by in events:
+        w.array(8)
+        w.int(kind)
+        w.text(rule)
+        w.int(old)
+        w.int(new)
+        w.int(ts - t0)
+        w.raw(values)
+        w.text(message)
+        w.text(by or "")
+    return w.view()
+
+
+def encode_alarms(w, session, ts_ms, states):
+    """The retained state of every alarm (gateway/wire.py encode_alarms): states are
+    (rule, level, condition, latched, acked, fault, since_ms, fault_reason)."""
+    w.reset()
+    w.map(4)
+    w.head(0, _K_VERSION)
+    w.head(0, _VERSION)
+    w.head(0, _K_SESSION)
+    w.int(session)
+    w.head(0, _K_T0)
+    w.int(ts_ms)
+    w.head(0, _K_ALARMS)
+    w.array(len(states))
+    for rule, level, cond, latched, acked, fault, since, reason in states:
+        w.array(8)
+        w.text(rule)
+        w.int(level)
+        w.int(cond)
+        w.bool(latched)
+        w.bool(acked)
+        w.bool(fault)
+        w.int(since or 0)
+        w.text(reason or "")
+    return w.view()
+
+
+def encode_reply(w, request_id, ok, message, digest):
+    """The answer to a command (gateway/wire.py encode_reply); request_id None until it was found authentic."""
+    w.reset()
+    w.map(5)
+    w.head(0, _K_VERSION)
+    w.head(0, _VERSION)
+    w.head(0, _K_ID)
+    if request_id is None:
+        w.null()
+    else:
+        w.text(request_id)
+    w.head(0, _K_OK)
+    w.bool(ok)
+    w.head(0, _K_MESSAGE)
+    w.text(message)
+    w.head(0, _K_DIGEST)
+    w.bytes(digest)
+    return w.view()
 
 
 def _value(w, b, i):

@@ -189,7 +189,7 @@ def test_secrets_file():
     eq((s.mqtt_username, s.mqtt_password, s.wifi_password), ("n7", "pw", None))
     eq(
         str(raises(ConfigError, Secrets, {"mqtt_pass": "x"})),
-        "/secrets.json: mqtt_pass: unknown key (known here: wifi_password, mqtt_username, mqtt_password)",
+        "/secrets.json: mqtt_pass: unknown key (known here: wifi_password, mqtt_username, mqtt_password, command_key)",
     )
     eq(str(raises(ConfigError, Secrets, ["x"])), "/secrets.json: (top level): expected an object")
 
