@@ -79,7 +79,9 @@ def node_setup(tmp_path, broker, mqtt=None, **over):
     node_id = f"n{uuid.uuid4().hex[:6]}"
     board = fixtures.board(root=str(tmp_path))
     cfg = fixtures.config(
-        node_id=node_id, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 30, **(mqtt or {})}, **over
+        # alarm_events off: these tests follow the data path message by message (alarm events: test_firmware_unix.py)
+        node_id=node_id, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 30, "alarm_events": False,
+                               **(mqtt or {})}, **over
     )
     fixtures.provision(board, cfg, {"mqtt_username": node_id, "mqtt_password": "secret"})
     return board, node_id, f"yujing/v1/xishan/{node_id}"

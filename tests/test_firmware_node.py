@@ -28,13 +28,30 @@ def run() -> str:
     return proc.stdout
 
 
-def decoded(stdout: str, tag: str):
+def decoded(stdout: str, tag: str, kinds: tuple[str, ...] = ("birth", "data", "death")):
+    """The run's messages of `kinds` (alarm events and the alarm state have their own test), decoded by gateway.wire."""
+    decoders = {"birth": wire.decode_birth, "data": wire.decode_data, "death": wire.decode_death,
+                "alarm": wire.decode_alarm, "alarms": wire.decode_alarms}
     out = []
     for _, topic, payload, qos, retain in published(stdout, tag):
         kind = wire.parse_topic(topic).kind
-        dec = {"birth": wire.decode_birth, "data": wire.decode_data, "death": wire.decode_death}[kind]
-        out.append((kind, dec(payload), qos, retain))
+        if kind in kinds:
+            out.append((kind, decoders[kind](payload), qos, retain))
     return out
+
+
+def test_awake_node_publishes_its_alarm_change_as_the_gateway_does(run: str) -> None:
+    """The first sample is at blue: one alarm event (QoS 1, not retained), then the retained state, before data."""
+    msgs = decoded(run, "awake", ("birth", "alarm", "alarms", "data"))
+    assert [m[0] for m in msgs[:4]] == ["birth", "alarm", "alarms", "data"]
+    _, alarm, qos, retain = msgs[1]
+    assert (qos, retain, alarm.seq, alarm.historical) == (1, False, 1, False)
+    (event,) = alarm.events
+    assert (event.rule, wire.LEVEL_NAMES[event.old_level], wire.LEVEL_NAMES[event.new_level]) == (
+        "crack.opening", "NONE", "IV_BLUE")
+    _, (_, _, states), qos, retain = msgs[2]
+    assert (qos, retain) == (1, True)
+    assert [(a.rule, wire.LEVEL_NAMES[a.level]) for a in states] == [("crack.opening", "IV_BLUE")]
 
 
 def test_awake_node_publishes_birth_then_data_the_consumer_reads(run: str) -> None:

@@ -263,7 +263,7 @@ class Config:
                 raise m.error("client_id", "printable ASCII only (no spaces)")
         self.commands = m.flag("commands", False)
         # alarm changes as alarm messages plus the retained alarms state (off: the node only alarms locally)
-        self.alarm_events = m.flag("alarm_events", False)
+        self.alarm_events = m.flag("alarm_events", True)
         m.done()
 
         n = f.obj("network", None)

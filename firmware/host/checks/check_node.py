@@ -29,9 +29,12 @@ def test_awake_cycles_publish_birth_then_data_and_feed_the_watchdog():
     node = fixtures.make_node(b)
     node.run(max_cycles=6)
     topics = [p[0].decode().split("/")[-1] for p in broker.published]
-    eq(topics, ["birth"] + ["data"] * 6)
+    # the first sample is at blue (50.88 mm >= 40): its alarm event and the retained state go before the data
+    eq(topics, ["birth", "alarm", "alarms"] + ["data"] * 6)
     eq(broker.published[0][2:], (1, True), "birth: QoS 1, retained")
-    eq(broker.published[1][2:], (1, False), "data: QoS 1, not retained")
+    eq(broker.published[1][2:], (1, False), "alarm: QoS 1, not retained")
+    eq(broker.published[2][2:], (1, True), "alarms: QoS 1, retained")
+    eq(broker.published[3][2:], (1, False), "data: QoS 1, not retained")
     eq(b.clock.now, 1767225600000 + 5 * PERIOD + 10, "six cycles on the 10 s grid (+10 ms: the SHT4x conversion)")
     dog = b.dogs[0]
     eq(dog.timeout_ms, 30000)
