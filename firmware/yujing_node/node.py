@@ -31,7 +31,7 @@ from .records import Batch
 from .ring import Ring
 from .rules import Alarms
 from .sched import backoff_ms, next_due
-from .state import SEQ_RESERVE, State
+from .state import State
 from .wire import (
     DEATH_LOST,
     DEATH_SLEEPING,
@@ -147,12 +147,19 @@ class Node:
                 st.seq, st.tail, st.tidx, st.dropped = rtc
             st.session += 1
             st.session_start = self.clock.epoch_ms()
-            st.seq_reserved = st.seq + SEQ_RESERVE
+            # Nothing reserved yet: next_seq() reserves (on flash) before the first message. A start that is cut
+            # again before it sends anything burns no numbers, so a power cut leaves a gap of at most SEQ_RESERVE.
+            st.seq_reserved = st.seq
             st.back_at = 0
             st.save_file(self.state_path)
             self.log("yujing: %s start, session %d, seq %d" % (cause, st.session, st.seq))
         self.ring.dropped = st.dropped
         self.ring.restore(st.tail, st.tidx, stage)
+        if self.ring.dropped != st.dropped:
+            # Readings found lost at start (a block torn by the power cut): on flash now, or the next power cut before
+            # a flush takes the count with it (the torn slot is rewritten meanwhile: it cannot be counted again).
+            st.dropped = self.ring.dropped
+            st.save_file(self.state_path)
         if cause in ("sleep", "pin"):
             self.next_try = st.retry_at  # keep backing off across deep sleeps
         if hasattr(self.clock, "valid") and not self.clock.valid():

@@ -24,8 +24,10 @@ Packing works on the records' bytes only: no big integers (epoch milliseconds do
 board's small ints), no allocation. Version 1 slots (whole 20-byte records) are still read.
 bseq is a block sequence number that never repeats; block b lives in slot b % blocks. On start
 the ring reads the slots: the newest valid block and the run of consecutive older ones are the
-contents; a block torn by a power cut fails its CRC and is not part of it. When the ring is full
-the oldest block is overwritten and its unsent readings are counted in `dropped` (birth key 11).
+contents; a block torn by a power cut fails its CRC and is not part of it (when it is the block being
+written, newer than every whole one, and its header survived, its unsent readings are counted in
+`dropped`). When the ring is full the oldest block is overwritten and its unsent readings are counted
+in `dropped` (birth key 11).
 
 What has been sent is a cursor (tail bseq, index in block) that the node persists with its state
 (RTC memory every cycle, flash after a flush), so a crash re-sends at most what was in flight.
@@ -155,6 +157,7 @@ class Ring:
         self.writes = 0  # block writes since start, and their bytes: wear accounting
         self.bytes_written = 0
         self.dirty = False  # the stage holds records not yet in its slot
+        self._torn = []  # (bseq, count) of a block newer than any whole one whose write a power cut tore
         try:
             os.mkdir(path)
         except OSError:
@@ -195,6 +198,22 @@ class Ring:
         struct.pack_into("<HBBI", buf, 0, _MAGIC, _VERSION, count, bseq)
         struct.pack_into("<I", buf, 8, self._crc(buf, count))
         return True
+
+    def _header(self, slot):
+        """(bseq, count) from the first bytes of a slot file that does not load (a torn write), or None."""
+        try:
+            with open(self._slot_path(slot), "rb") as f:
+                h = f.read(8)
+        except OSError:
+            return None
+        if len(h) < 8:
+            return None  # torn inside its header: which block it was cannot be told
+        magic, ver, count, bseq = struct.unpack("<HBBI", h)
+        if magic != _MAGIC or ver not in (_VERSION, _PACKED) or count > self.cap:
+            return None
+        if not bseq or bseq % self.nblocks != slot:
+            return None
+        return bseq, count
 
     def close(self):
         pass  # no file is kept open
@@ -253,8 +272,12 @@ class Ring:
     def _scan(self):
         seqs = [0] * self.nblocks
         newest = 0
+        torn = []
         for slot in range(self.nblocks):
             if not self._load(slot, self.rbuf):
+                h = self._header(slot)
+                if h:
+                    torn.append(h)
                 continue
             bseq, _ = self._valid(self.rbuf)
             if bseq and bseq % self.nblocks == slot:
@@ -262,6 +285,9 @@ class Ring:
                 if bseq > newest:
                     newest = bseq
         self.rseq = 0
+        # A torn block newer than every whole one is the write the power cut interrupted (with "sync": "cycle" a
+        # partial block is rewritten each cycle, so it held readings that were on flash): restore() counts it.
+        self._torn = [t for t in torn if t[0] > newest]
         if not newest:
             return
         oldest = newest
@@ -290,6 +316,12 @@ class Ring:
                 self.head, self.count, self.dirty = bseq, count, True
                 if self.oldest > bseq:
                     self.oldest = bseq
+        for bseq, count in self._torn:  # its readings not yet sent are lost: counted (birth key 11)
+            if bseq == self.head and self.count == 0 and tail <= bseq:
+                lost = count - (tidx if tail == bseq else 0)
+                if lost > 0:
+                    self.dropped += lost
+        self._torn = []
         if tail > self.head or (tail == self.head and tidx > self.count):
             # cursor from another ring (file lost or reformatted): continue numbering after it
             if self.count == 0 and self.oldest >= self.head:
