@@ -5,6 +5,7 @@ decoder (gateway.consumer) reads."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -251,12 +252,15 @@ def test_a_sleeping_node_reboots_from_deep_sleep_and_continues_its_session(tmp_p
     same session, the next seq, no new session on the flash."""
     pki, broker, _ = site
     sub = platform_client(pki, broker.port, f"{PREFIX}/{SITE}/n1/data")
-    node = _node(tmp_path, site, "n1", mode="sleep")
+    # 3 s: a wake's network step must fit before the next sample is due (firmware/README.md, "The network never
+    # makes a sample late"), and boot + TLS take ~0.5 s here; with 1 s a wake landing late in its period sends nothing
+    node = _node(tmp_path, site, "n1", mode="sleep", sample_period_s=3)
     try:
         node.start()
-        node.wait_for("SIM deepsleep")
+        slept = node.wait_for("SIM deepsleep")
         assert node.proc is not None and node.proc.wait(5) == 0
         first = wire.decode_data(take(sub, 1)[0][1])
+        time.sleep(int(slept.split()[-1]) / 1000)  # the sleep the board asked for: it wakes on its period's grid
         node.start()
         node.wait_for("SIM deepsleep")
         second = wire.decode_data(take(sub, 1)[0][1])

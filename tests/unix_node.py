@@ -132,7 +132,7 @@ def platform_client(pki: Pki, port: int, topic: str):  # type: ignore[no-untyped
 
 def node_config(node_id: str, port: int, **over) -> dict:  # type: ignore[no-untyped-def]
     cfg = {
-        "node_id": node_id, "site": SITE, "sample_period_s": 1, "watchdog_s": 30,
+        "node_id": node_id, "site": SITE, "sample_period_s": 2, "watchdog_s": 30,
         "mqtt": {"host": "127.0.0.1", "port": port, "tls": True, "keepalive_s": 60},
         "network": {"type": "wifi", "ssid": "site-ap"},
         "alarm_output": {"pin": 4, "level": "blue"},

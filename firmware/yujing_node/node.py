@@ -64,6 +64,13 @@ _KIND_WORDS = ("raised", "escalated", "de_escalated", "cleared", "acknowledged",
 _INBOX = const(4)  # commands held between two polls
 _REJECT_BURST = const(10)  # rejection replies per minute at most (a flood is not answered)
 _FLUSH_MESSAGES = const(4)  # historical messages per cycle: bounds the cycle's time
+# The network never makes the next sample late: a blocking step (connect, TLS, a wait for an acknowledgement)
+# gets the configured timeout, but no more than what is left before the next sample is due less a margin, and
+# with less than the minimum left it waits for a later cycle (readings go to the ring meanwhile). A link that
+# goes black during a 5 s PUBACK wait delayed the alarm output of the next sample by 2.5 s without this
+# (hil_tests/test_node_network_faults.py).
+_NET_MARGIN_MS = const(50)
+_NET_MIN_MS = const(100)
 _BYTES_PER_READING = const(26)  # worst case in a data message: dt, point, value, quality
 
 
@@ -119,6 +126,7 @@ class Node:
         self.secrets = secrets
         self.connected = False
         self.next_try = 0
+        self.net_until = 0  # ticks: when the next sample is due, less the margin (set by each cycle)
         self.back_at = None
         self.salt = binascii.crc32(cfg.node_id.encode()) & 0xFF
         self.state_path = board.path(STATE_FILE)
@@ -198,7 +206,9 @@ class Node:
         self.feed()
         if self.cfg.sleep:
             self.back_at = next_due(now, self.cfg.period_ms)
-        if not self.connected and now >= self.next_try:
+        clock = self.clock
+        self.net_until = clock.ticks_add(clock.ticks_ms(), next_due(now, self.cfg.period_ms) - now - _NET_MARGIN_MS)
+        if not self.connected and now >= self.next_try and self.net_left() >= _NET_MIN_MS:
             self.connect(now)
         if self.connected and self.pending_events and self.cfg.alarm_events:
             self.send_alarms(now)
@@ -236,16 +246,32 @@ class Node:
 
     # ------------------------------------------------------------ MQTT
 
+    def net_left(self):
+        """Milliseconds left for the network before the next sample (less the margin)."""
+        return self.clock.ticks_diff(self.net_until, self.clock.ticks_ms())
+
+    def arm(self):
+        """Give the next blocking network step the configured timeout, cut to what is left before the next
+        sample; OSError when less than the minimum is left (the step waits for a later cycle)."""
+        left = self.net_left()
+        if left < _NET_MIN_MS:
+            raise OSError("no time left before the next sample")
+        t = self.cfg.publish_timeout_ms
+        self.client.timeout_ms = t if left > t else left
+        return self.client.timeout_ms
+
     def connect(self, now):
         cfg, st, w = self.cfg, self.state, self.writer
         try:
             if not self.board.net_up(cfg.net, self.secrets, self.feed):
                 raise OSError("network not up")
+            t = self.arm()
             if cfg.tls:
-                sock = self.board.connect(cfg.host, cfg.port, cfg.publish_timeout_ms, cfg.tls)
+                sock = self.board.connect(cfg.host, cfg.port, t, cfg.tls)
             else:
-                sock = self.board.connect(cfg.host, cfg.port, cfg.publish_timeout_ms)
+                sock = self.board.connect(cfg.host, cfg.port, t)
             self.client.set_will(self.t_death, bytes(encode_death(w, st.session, DEATH_LOST)), 1, True)
+            self.arm()
             self.client.connect(sock)
             birth = encode_birth(
                 w,
@@ -258,8 +284,10 @@ class Node:
                 self.ring.dropped,
                 self.back_at,
             )
+            self.arm()
             self.client.publish(self.t_birth, birth, 1, True)
             if cfg.commands:
+                self.arm()
                 self.client.subscribe(self.t_cmd, 1)
             self.connected = True
             if cfg.alarm_events and cfg.rules and not self.send_alarms(now, True):
@@ -288,7 +316,11 @@ class Node:
         self.log("yujing: connection lost (%s)" % e)
 
     def publish(self, batch, historical):
-        """One data message at QoS 1; False (and disconnected) when no PUBACK came."""
+        """One data message at QoS 1; False when no PUBACK came (then disconnected) or when too little time is
+        left before the next sample to wait for one (still connected: the readings wait in the ring)."""
+        if self.net_left() < _NET_MIN_MS:
+            return False
+        self.arm()
         seq = self.state.next_seq(self.state_path)
         payload = encode_data(self.writer, self.state.session, seq, batch, historical)
         try:
@@ -360,9 +392,12 @@ class Node:
     def send_alarms(self, now, state=False):
         """Publish the pending events (one alarm message, QoS 1) and then the retained state (also when
         `state`). False (and disconnected) when the broker did not acknowledge; the events stay pending."""
+        if self.net_left() < _NET_MIN_MS:
+            return False  # the events stay pending: the next cycle sends them first
         try:
             ev = self.pending_events
             if ev:
+                self.arm()
                 old = ev[0][4] < now - _HISTORICAL_MS
                 payload = encode_alarm(self.writer, self.state.session, self.alarm_seq, ev, old)
                 self.client.publish(self.t_alarm, payload, 1)
@@ -371,6 +406,7 @@ class Node:
                 self._save_alarms()
                 state = True
             if state:
+                self.arm()
                 payload = encode_alarms(self.writer, self.state.session, now, self.alarm_states())
                 self.client.publish(self.t_alarms, payload, 1, True)
         except (MQTTError, OSError) as e:
@@ -539,8 +575,9 @@ class Node:
             self.send_alarms(now, True)
 
     def reply(self, rid, ok, msg, tag):
-        if self.connected:
+        if self.connected and self.net_left() >= _NET_MIN_MS:
             try:
+                self.arm()
                 self.client.publish(self.t_reply, encode_reply(self.writer, rid, ok, msg, tag), 1)
             except (MQTTError, OSError) as e:
                 self.lost(e)

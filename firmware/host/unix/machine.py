@@ -9,6 +9,7 @@ The watchdog records its timeout and feeds but never fires (no timer interrupt t
 """
 
 import sys
+import time
 
 import _sim
 
@@ -96,6 +97,7 @@ class ADC:
         pass
 
     def read_u16(self):
+        _sim.append("adc%d.log" % self.pin, b"%d\n" % (time.time_ns() // 1000000))
         raw = _sim.read("adc%d" % self.pin)
         return int(raw) if raw else 0
 
