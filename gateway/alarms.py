@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from . import wire
 from .clock import Clock
+from .clockcheck import CLOCK_FLOOR_MS, Step
 from .commands import Command, quote
 from .health import FAULT_RULE, Health
 from .model import Reading
@@ -54,8 +55,14 @@ class AlarmDesk:
         outputs: Outputs | None = None,
         publish_state: Callable[[bytes], None] | None = None,
         device_points: dict[str, range] | None = None,
+        clock_steps: Callable[[], Sequence[Step]] | None = None,
+        on_clock_step: Callable[[Step], None] | None = None,
     ) -> None:
         self.engine = engine
+        # The wall clock's steps (gateway.clockcheck), taken before every poll and tick is evaluated, so the
+        # engine has moved its remembered times before it sees a time on the new clock.
+        self.clock_steps = clock_steps
+        self.on_clock_step = on_clock_step
         # device → the rules on its points: a device may be polled faster while one of them shows a level
         self._device_rules = {name: engine.rules_reading(points) for name, points in (device_points or {}).items()}
         self.clock = clock
@@ -87,18 +94,31 @@ class AlarmDesk:
 
     def on_readings(self, readings: Sequence[Reading]) -> None:
         """One poll's readings, evaluated together (order-independent within the poll)."""
+        if self.clock_steps is not None:
+            self._clock_stepped()
         out = self.engine.evaluate_poll(readings)
         if out:
             self._handle(out)
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
-        out = self.engine.tick(self.clock.time_ms())
+        now = self.clock.time_ms()  # (first: it is what notices a step when no poll is due)
+        if self.clock_steps is not None:
+            self._clock_stepped()
+        out = self.engine.tick(now)
         if out:
             self._handle(out)
         # A latch holding the level while the condition falls changes the state without a transition.
         if self.publish_state is not None and self._states() != self._published_states:
             self._publish_state()
+
+    def _clock_stepped(self) -> None:
+        assert self.clock_steps is not None
+        for step in self.clock_steps():
+            # Setting the clock moves what was stamped since boot, not the state restored from before it.
+            self.engine.shift_time(step.delta_ms, before_ms=CLOCK_FLOOR_MS if step.sets else None)
+            if self.on_clock_step is not None:
+                self.on_clock_step(step)
 
     def acknowledge(self, rule: str, by: str) -> tuple[bool, str]:
         """Acknowledge `rule` for `by` (1–64 printable characters: it goes into logs and events)."""

@@ -31,6 +31,13 @@ from typing import Any
 
 from gateway import __version__
 from gateway.clock import Clock, SystemClock
+from gateway.clockcheck import (
+    ClockWatch,
+    StepCursor,
+    clock_unset_message,
+    place_restored,
+    report_step,
+)
 from gateway.config import BusConfig, Config
 from gateway.model import Reading
 from gateway.poll.bus import BusScheduler, make_driver
@@ -146,7 +153,11 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
+        if not isinstance(self.clock, ClockWatch):
+            self.clock = ClockWatch(self.clock)  # stamps as before, and notices the wall clock's steps
         health = self.health = Health(self.clock)
+        if self.clock.unset:
+            health.fault("clock", clock_unset_message(self.clock.time_ms()))
         supervisor = self.supervisor = Supervisor(self.liveness_clock, health)
         uplink_box: list[Uplink] = []
         storage = self.storage = Storage(
@@ -263,6 +274,9 @@ class Gateway:
             health.note("storage.alarm_state", f"{exc}; " + (f"moved to {aside.name}; " if aside else "")
                         + "latched alarms and rain/rate windows from before this start are lost: check the site")
             engine = AlarmEngine(cfg.rules, cfg.resolve_point, store=store)
+        if isinstance(self.clock, ClockWatch) and self.clock.unset and place_restored(engine, self.clock.time_ms()):
+            health.note("clock.restored", "the clock is not set: alarm state restored from before this start (rate "
+                        "and rain windows, alarm times) is taken as if the gateway had been off for no time")
         desk: AlarmDesk | None = None
 
         def actuator_event(e: Any) -> None:  # ActuatorEvent → a stored, published alarm event
@@ -274,8 +288,12 @@ class Gateway:
 
             self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock,
                                             on_event=actuator_event)
+        steps = StepCursor(self.clock) if isinstance(self.clock, ClockWatch) else None
         desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, events=events, health=health,
-                                     outputs=self.outputs, publish_state=uplink.alarm_state, device_points=self._device_points)
+                                     outputs=self.outputs, publish_state=uplink.alarm_state,
+                                     device_points=self._device_points,
+                                     clock_steps=steps.new if steps is not None else None,
+                                     on_clock_step=lambda step: report_step(health, step))
         self.inbox = self._command_inbox(desk, storage, health)
         uplink.commands = self.inbox.handle
         desk.tick()  # publishes the restored state (latched alarms survive restarts)

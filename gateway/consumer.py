@@ -80,6 +80,8 @@ class SenderState:
     catalogues: OrderedDict[int, tuple[PointInfo, ...]] = field(default_factory=OrderedDict)
     # per (session, message type): each session numbers its data and its alarm messages from 1
     seqs: OrderedDict[tuple[int, str], SeqState] = field(default_factory=OrderedDict)
+    # per (session, historical): each point's latest timestamp, in seq order (to notice a clock stepped back)
+    stamps: OrderedDict[tuple[int, bool], dict[int, int]] = field(default_factory=OrderedDict)
 
 
 @dataclass
@@ -100,6 +102,10 @@ class Decoder:
     above highest+1 opens a gap (reported once); a seq that fills a gap is reported as late; a seq seen
     before is a duplicate (reported, and its records are still returned with `"duplicate": true` so a
     consumer may store idempotently). A birth that changes a known session's catalogue is reported.
+
+    Order is seq order, not time order: a reading whose timestamp is earlier than the one its point had in
+    an earlier message of the same session and lane (the sender's clock stepped back) is no error; it is
+    returned as sent and reported once per message as a notice (`clock_steps_back` counts them).
     """
 
     MAX_CATALOGUES = 16  # sessions remembered per sender
@@ -112,6 +118,7 @@ class Decoder:
         self.gaps = 0
         self.duplicates = 0
         self.rejected = 0
+        self.clock_steps_back = 0
 
     def feed(self, topic: str, payload: bytes) -> Result:
         res = Result()
@@ -156,7 +163,11 @@ class Decoder:
                                + (f", back at {d.back_at_ms}" if d.back_at_ms else ""))
         elif t.kind == "data":
             data = wire.decode_data(payload)
+            known = state.seqs.get((data.session, "data"))
+            highest = known.highest if known is not None else None
             duplicate = self._sequence(t, state, data.session, "data", data.seq, res)
+            if not duplicate and (highest is None or data.seq > highest):  # (a late one fills a gap: not in order)
+                self._time_order(t, state, data, res)
             self._records(res, wire.reading_records(t, data, self._catalogue(t, state, data.session, res)), duplicate)
         elif t.kind == "alarm":
             alarm = wire.decode_alarm(payload)
@@ -209,6 +220,24 @@ class Decoder:
             res.notices.append(f"{who}: duplicate: seq {seq} again")
             return True
         return False
+
+    def _time_order(self, t: wire.Topic, state: SenderState, data: wire.Data, res: Result) -> None:
+        key = (data.session, data.historical)  # lanes: a live reading may come before older historical ones
+        stamps = state.stamps.get(key)
+        if stamps is None:
+            stamps = state.stamps[key] = {}
+            while len(state.stamps) > 2 * self.MAX_CATALOGUES:
+                state.stamps.popitem(last=False)
+        back = 0
+        for r in data.readings:
+            before = stamps.get(r.point)
+            if before is not None and r.ts_ms < before:
+                back = max(back, before - r.ts_ms)
+            stamps[r.point] = r.ts_ms
+        if back:
+            self.clock_steps_back += 1
+            res.notices.append(f"{t.site}/{t.gateway} session {data.session}: clock stepped back: seq {data.seq} has "
+                               f"readings stamped up to {back} ms before their point's previous ones (kept as sent)")
 
     def _catalogue(self, t: wire.Topic, state: SenderState, session: int, res: Result) -> tuple[PointInfo, ...] | None:
         catalogue = state.catalogues.get(session)

@@ -56,6 +56,7 @@ from typing import Any, ParamSpec, TypeVar
 import cbor2
 
 from . import storefiles, wire
+from .clockcheck import clock_unset
 from .model import PointInfo, Reading
 
 log = logging.getLogger("yujing.spool")
@@ -766,18 +767,24 @@ class Spool:
         if not polls:
             return None
         session = polls[0].session
+        unset = clock_unset(polls[0].ts)
         readings: list[Reading] = []
         taken: list[_Poll] = []
+        newest: dict[int, int] = {}  # point → its latest time in this message
         for p in polls:
             if p.session != session or (taken and len(readings) + p.n > max_readings):
                 break
-            if p.readings is not None:
-                readings += p.readings
-            else:
-                readings += self._poll_readings(p)
+            if taken and clock_unset(p.ts) != unset:
+                break  # stamped before and after the clock was set: never one message (the flag is per message)
+            rs = p.readings if p.readings is not None else self._poll_readings(p)
+            if taken and any(newest.get(r.point, r.ts_ms) > r.ts_ms for r in rs):
+                break  # the clock stepped back: a message orders by time, so this poll would come out first
+            for r in rs:
+                newest[r.point] = r.ts_ms
+            readings += rs
             taken.append(p)
         seq = self._take_seq(session, DATA)
-        payload = wire.encode_data(session, seq, readings, historical=historical)
+        payload = wire.encode_data(session, seq, readings, historical=historical, clock_unset=unset)
         m = self._message(DATA, session, seq, payload, len(readings), [p.id for p in taken], historical=historical, backlog=backlog)
         gone = {p.id for p in taken}
         self._polls = deque(p for p in self._polls if p.id not in gone)
@@ -807,6 +814,7 @@ class Spool:
         events: list[wire.Event] = []
         taken: list[_Event] = []
         late: bool | None = None
+        unset = clock_unset(self._events[0].ts)
         for e in list(self._events)[:max_events]:
             if e.session != session:
                 break
@@ -815,10 +823,12 @@ class Spool:
                 late = old
             elif old != late:  # a message is all historical or all live: the flag is exact per event
                 break
+            if clock_unset(e.ts) != unset:
+                break  # stamped before and after the clock was set (events keep their order whatever their times)
             events.append(event_from_blob(self._read(e.seg, e.off, e.length)[EVENT_HEAD.size :]))
             taken.append(e)
         seq = self._take_seq(session, ALARM)
-        payload = wire.encode_alarm(session, seq, events, historical=bool(late))
+        payload = wire.encode_alarm(session, seq, events, historical=bool(late), clock_unset=unset)
         m = self._message(ALARM, session, seq, payload, len(events), [e.id for e in taken], historical=bool(late), backlog=False)
         for e in taken:
             self._events.remove(e)

@@ -39,6 +39,7 @@ K_SEQ = 2
 K_T0 = 3
 K_GROUPS = 4
 K_HISTORICAL = 5
+K_CLOCK_UNSET = 6  # data, alarm: stamped while the gateway's wall clock was not set (gateway.clockcheck)
 K_SITE = 7
 K_GATEWAY = 8
 K_SOFTWARE = 9
@@ -163,8 +164,11 @@ def decode_value(v: Any) -> Value:
 # ---------------------------------------------------------------- encoding
 
 
-def encode_data(session: int, seq: int, readings: Sequence[Reading], *, historical: bool = False) -> bytes:
-    """One data message. Readings are grouped by timestamp; inside a group, by point index."""
+def encode_data(session: int, seq: int, readings: Sequence[Reading], *, historical: bool = False,
+                clock_unset: bool = False) -> bytes:
+    """One data message. Readings are grouped by timestamp; inside a group, by point index (so the readings
+    of one point must be in time order: the spool never puts two sides of a backwards clock step together).
+    `clock_unset`: every reading was stamped while the wall clock was not set (docs/wire-format.md)."""
     if not readings:
         raise WireError("data message with no readings")
     t0 = min(r.ts_ms for r in readings)
@@ -186,6 +190,8 @@ def encode_data(session: int, seq: int, readings: Sequence[Reading], *, historic
     msg: dict[int, Any] = {K_VERSION: FORMAT_VERSION, K_SESSION: session, K_SEQ: seq, K_T0: t0, K_GROUPS: groups}
     if historical:
         msg[K_HISTORICAL] = True
+    if clock_unset:
+        msg[K_CLOCK_UNSET] = True
     return cbor2.dumps(msg, canonical=True)
 
 
@@ -252,7 +258,8 @@ class AlarmStatus:
     fault_reason: str | None
 
 
-def encode_alarm(session: int, seq: int, events: Sequence[Event], *, historical: bool = False) -> bytes:
+def encode_alarm(session: int, seq: int, events: Sequence[Event], *, historical: bool = False,
+                 clock_unset: bool = False) -> bytes:
     """One alarm message: events in the order they happened (their own seq space, separate from data)."""
     if not events:
         raise WireError("alarm message with no events")
@@ -265,6 +272,8 @@ def encode_alarm(session: int, seq: int, events: Sequence[Event], *, historical:
     msg: dict[int, Any] = {K_VERSION: FORMAT_VERSION, K_SESSION: session, K_SEQ: seq, K_T0: t0, K_EVENTS: body}
     if historical:
         msg[K_HISTORICAL] = True
+    if clock_unset:
+        msg[K_CLOCK_UNSET] = True
     return cbor2.dumps(msg, canonical=True)
 
 
@@ -313,6 +322,7 @@ class Data:
     seq: int
     historical: bool
     readings: tuple[Reading, ...] = field(default=())
+    clock_unset: bool = False  # key 6: stamped while the sender's wall clock was not set
 
 
 def check_received(payload: bytes) -> None:
@@ -433,7 +443,8 @@ def decode_data(payload: bytes) -> Data:
             if point >= MAX_POINT:
                 raise WireError(f"{where}: point index beyond {MAX_POINT}")
             readings.append(Reading(point, t0 + dt, decode_value(value), qualities.get(i, 0)))
-    return Data(session=session, seq=seq, historical=msg.get(K_HISTORICAL, False) is True, readings=tuple(readings))
+    return Data(session=session, seq=seq, historical=msg.get(K_HISTORICAL, False) is True, readings=tuple(readings),
+                clock_unset=msg.get(K_CLOCK_UNSET, False) is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +453,7 @@ class Alarm:
     seq: int
     historical: bool
     events: tuple[Event, ...]
+    clock_unset: bool = False  # key 6
 
 
 def _level(v: Any, where: str) -> int:
@@ -471,7 +483,8 @@ def decode_alarm(payload: bytes) -> Alarm:
             raise WireError(f"{where}: a value's point index is out of range")
         events.append(Event(EVENT_KINDS[kind], rule, _level(old, where), _level(new, where), t0 + dt,
                             {k: decode_value(v) for k, v in values.items()}, message, by or None))
-    return Alarm(session, seq, msg.get(K_HISTORICAL, False) is True, tuple(events))
+    return Alarm(session, seq, msg.get(K_HISTORICAL, False) is True, tuple(events),
+                 clock_unset=msg.get(K_CLOCK_UNSET, False) is True)
 
 
 def decode_alarms(payload: bytes) -> tuple[int, int, tuple[AlarmStatus, ...]]:
@@ -552,6 +565,7 @@ def event_records(topic_: Topic, alarm: Alarm, catalogue: Sequence[PointInfo] | 
             "old_level": LEVEL_NAMES[e.old_level] if 0 <= e.old_level < len(LEVEL_NAMES) else e.old_level,
             "ts": e.ts_ms, "values": values, "message": e.message, "by": e.by,
             "session": alarm.session, "seq": alarm.seq, **({"historical": True} if alarm.historical else {}),
+            **({"clock_unset": True} if alarm.clock_unset else {}),
         }
 
 
@@ -573,5 +587,6 @@ def reading_records(
             "session": data.session,
             "seq": data.seq,
             **({"historical": True} if data.historical else {}),
+            **({"clock_unset": True} if data.clock_unset else {}),
         }
 

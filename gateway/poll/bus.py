@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from device_drivers.base import DeviceError, Driver, TransportError
 from gateway.clock import Clock
+from gateway.clockcheck import restamp, stamp
 from gateway.config import BusConfig, DeviceConfig, PollGroup
 from gateway.histogram import TRANSACTION_BOUNDS, Histogram
 from gateway.model import Quality, Reading, Value
@@ -245,7 +246,7 @@ class BusScheduler:
     async def _poll(self, job: _Job) -> None:
         p = job.poller
         points = job.group.points
-        ts = self.clock.time_ms()
+        ts, steps = stamp(self.clock)
         now = self.clock.monotonic()
         if p.state is DeviceState.OFFLINE and now < p.next_probe:
             p.readings += len(points)
@@ -261,6 +262,7 @@ class BusScheduler:
             await self._transport_down(exc)
         else:
             self._transport_gap = 0.0
+        ts = restamp(self.clock, ts, steps)  # the wall clock stepped during the read: stamp as the new clock says
         p.last_poll_ms = ts
         self._update_state(p, answered, now)
         p.count(len(results), [q for _, q in results if q])

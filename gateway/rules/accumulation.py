@@ -152,6 +152,13 @@ class AccumulationRule(PointRule):
             self._sums[window_s] = self._total - tot[i if i >= lo else lo]
             self._exact[window_s] = self._first_ts <= start and (gap is None or start <= gap[0] or start >= gap[1])
 
+    def _move_window(self, move: Callable[[int], int]) -> None:
+        self._ts = [move(ts) for ts in self._ts]
+        if self._first_ts is not None:
+            self._first_ts = move(self._first_ts)
+        if self._gap is not None:
+            self._gap = (move(self._gap[0]), move(self._gap[1]))
+
     def _export_window(self) -> dict[str, Any] | None:
         if self._raw is None:
             return None

@@ -209,6 +209,24 @@ class PointRule:
         """Acknowledge the alarm (see AlarmCore.acknowledge)."""
         return self.core.acknowledge(by, now_ms, self.last_values)
 
+    def move_times(self, move: Callable[[int], int]) -> None:
+        """The wall clock stepped: move every remembered reading time with it (AlarmEngine.shift_time). Without
+        this, a step back would make the next readings look no newer than the last one (ignored until the
+        clock caught up: an alarm missed for the length of the step), and a step forward would look like a
+        stale input and run out every delay at once."""
+        self.core.move_times(move)
+        if self._t0 is not None:
+            self._t0 = move(self._t0)
+        if self._last_seen is not None:
+            self._last_seen = move(self._last_seen)
+        if self._accepted_ts is not None:
+            self._accepted_ts = move(self._accepted_ts)
+        self._status_seen = {index: move(ts) for index, ts in self._status_seen.items()}
+        self._move_window(move)
+
+    def _move_window(self, move: Callable[[int], int]) -> None:
+        """Move a kind's own history of reading times (rate, accumulation) with a clock step."""
+
     def state(self) -> AlarmState:
         """The alarm's current state."""
         core = self.core

@@ -14,7 +14,7 @@ its delays are by time only (it is re-evaluated when a member changes and on eve
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -182,6 +182,10 @@ class CombinationRule:
     def acknowledge(self, by: str, now_ms: int) -> list[Transition]:
         """Acknowledge the alarm (see AlarmCore.acknowledge)."""
         return self.core.acknowledge(by, now_ms, self.last_values)
+
+    def move_times(self, move: Callable[[int], int]) -> None:
+        """The wall clock stepped (see PointRule.move_times)."""
+        self.core.move_times(move)
 
     def state(self) -> AlarmState:
         """The alarm's current state (a combination never has a fault of its own)."""

@@ -118,6 +118,18 @@ class AlarmCore:
             return []
         return self._confirm(LEVELS[target], now_ms, values, describe)
 
+    def move_times(self, move: Callable[[int], int]) -> None:
+        """The wall clock stepped: re-express every remembered instant on the new clock (`move`), so a running
+        on- or off-delay lasts its real duration (AlarmEngine.shift_time)."""
+        if self.since_ms is not None:
+            self.since_ms = move(self.since_ms)
+        if self.fault_since_ms is not None:
+            self.fault_since_ms = move(self.fault_since_ms)
+        for marks in (self._up_since, self._down_since):
+            for k, since in enumerate(marks):
+                if since is not None:
+                    marks[k] = move(since)
+
     def reset_delays(self) -> None:
         """Forget partly elapsed delays (after a fault, or when the rule's window closes)."""
         for k in (1, 2, 3, 4):

@@ -166,6 +166,38 @@ class AlarmEngine:
         self._persist(out)
         return out
 
+    def shift_time(self, delta_ms: int, *, before_ms: int | None = None) -> None:
+        """The wall clock stepped by `delta_ms` (gateway.clockcheck): every rule re-expresses the instants it
+        remembers on the new clock, so delays, staleness, rates and rain windows measure real durations
+        across the step, and readings stamped after a step back are not mistaken for old ones.
+
+        `before_ms`: move only the instants earlier than this. When NTP first sets the clock of a gateway
+        that booted at 1970, the instants stamped since boot move, while those restored from the state
+        file (stamped before the reboot, on a set clock) stay where they are."""
+        def move(ts: int) -> int:
+            return ts + delta_ms if before_ms is None or ts < before_ms else ts
+
+        for rule in self._rules.values():
+            shift = getattr(rule, "move_times", None)  # a plugin's rule kind may predate clock steps
+            if shift is not None:
+                shift(move)
+        if self._window_saved_ms is not None:
+            self._window_saved_ms = move(self._window_saved_ms)
+
+    def newest_time(self) -> int | None:
+        """The latest instant any rule remembers (restored state included), or None."""
+        seen: list[int] = []
+
+        def note(ts: int) -> int:
+            seen.append(ts)
+            return ts
+
+        for rule in self._rules.values():
+            look = getattr(rule, "move_times", None)
+            if look is not None:
+                look(note)
+        return max(seen, default=None)
+
     def save(self) -> None:
         """Save the state now (at a clean stop, so nothing since the last periodic save is lost)."""
         self._dirty = True

@@ -110,6 +110,9 @@ class RateRule(PointRule):
         span = ts_ms - t0
         self._rate = (value - x0) / span * self._per_ms if span >= self._min_span_ms and span > 0 else None
 
+    def _move_window(self, move: Callable[[int], int]) -> None:
+        self._history = deque((move(ts), v) for ts, v in self._history)
+
     def _export_window(self) -> dict[str, Any] | None:
         if not self._history:
             return None

@@ -239,7 +239,9 @@ class SmsUplink:
         self.events = ctx.subscribe()
         self.modem = Modem(config.port, config.baudrate, config.timeout_s)
         self.queue: deque[_Text] = deque(maxlen=200)
-        self.waiting: deque[wire.Event] = deque(maxlen=50)  # alarms for when the platform has been away long enough
+        # alarms for when the platform has been away long enough, with when they came (monotonic)
+        self.waiting: deque[tuple[wire.Event, float]] = deque(maxlen=50)
+        self._down: tuple[int, float] | None = None  # the uplink's down_since_ms, and it on the monotonic clock
         self._folded: dict[tuple[str, int], float] = {}
         self._sent_at: dict[str, deque[float]] = {r.number: deque() for r in config.recipients}
         self._ready = False
@@ -256,15 +258,25 @@ class SmsUplink:
     def _wanted(self, e: wire.Event) -> bool:
         return e.kind in ("raised", "escalated") and e.new_level >= self.config.level
 
-    def _platform_away(self, event_ts_ms: int) -> bool:
+    def _on_monotonic(self, ts_ms: int) -> float:
+        """A wall-clock instant of the recent past on the monotonic clock, read once: a later step of the wall
+        clock (NTP) then moves neither how long the platform has been away nor which alarms came after."""
+        clock = self.ctx.clock
+        return clock.monotonic() - max(0, clock.time_ms() - ts_ms) / 1000
+
+    def _platform_away(self, event_mono: float) -> bool:
         limit = self.config.only_when_uplink_down_s
         if limit <= 0:
             return True
         main = self.ctx.main
         since = main.down_since_ms
         if main.connected or since is None:
+            self._down = None
             return False
-        return event_ts_ms >= since and self.ctx.clock.time_ms() - since >= limit * 1000
+        if self._down is None or self._down[0] != since:
+            self._down = (since, self._on_monotonic(since))
+        down = self._down[1]
+        return event_mono >= down and self.ctx.clock.monotonic() - down >= limit
 
     def _text(self, e: wire.Event) -> str:
         site = self.config.site_name or self.ctx.site
@@ -353,10 +365,11 @@ class SmsUplink:
         while not self.events.empty():
             e = self.events.get_nowait()
             if self._wanted(e):
-                (self._take(e) if self._platform_away(e.ts_ms) else self.waiting.append(e))
-        for e in list(self.waiting):
-            if self._platform_away(e.ts_ms):
-                self.waiting.remove(e)
+                came = self._on_monotonic(e.ts_ms)
+                (self._take(e) if self._platform_away(came) else self.waiting.append((e, came)))
+        for e, came in list(self.waiting):
+            if self._platform_away(came):
+                self.waiting.remove((e, came))
                 self._take(e)
         now = self.ctx.clock.monotonic()
         item = next((q for q in self.queue if q.not_before <= now), None)
