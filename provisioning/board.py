@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -298,7 +299,10 @@ def write_files_atomic(port: str, files: Mapping[str, bytes], *, timeout: float 
         plan: list[list[object]] = []
         for i, (remote, data) in enumerate(files.items()):
             local = Path(d) / f"{i}"
-            local.write_bytes(data)
+            # 0600 from the first byte: /secrets.json and the node's key pass through here (the folder is 0700)
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             if args:
                 args.append("+")
             args += ["fs", "cp", "-f", str(local), f":{remote}{TMP_SUFFIX}"]

@@ -75,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--firmware", type=Path, default=Path("firmware"), metavar="DIR",
                    help="the firmware folder: main.py and yujing_node/ (default: %(default)s)")
     s.add_argument("--config", type=Path, metavar="FILE", help="written to the board as /config.json")
-    s.add_argument("--node", metavar="ID", help="write the identity's secrets.json (from the site directory) as "
-                                               "/secrets.json")
+    s.add_argument("--node", metavar="ID", help="write the identity's secrets (MQTT account, command key) as "
+                                               "/secrets.json and its TLS files as DER (/ca.der, /cert.der, /key.der); "
+                                               "with --config, its mqtt section is set for TLS")
     s.set_defaults(func=_flash)
 
     s = sub.add_parser("install", help="provision the boards of a plan in parallel: identity, files, firmware, "
@@ -301,10 +302,17 @@ def _flash(args: argparse.Namespace) -> int:
     if args.config is not None:
         extra["/config.json"] = args.config.read_bytes()
     if args.node is not None:
-        secrets = _site(args).store.folder(args.node) / "secrets.json"
-        if not secrets.exists():
-            raise ProvisionError(f"{secrets} is missing: run `yujing provision add-node {args.node} …` first")
-        extra["/secrets.json"] = secrets.read_bytes()
+        from .node_files import TLS_FILES, der_files, node_secrets, tls_config
+
+        store = _site(args).store
+        if not (store.folder(args.node) / "secrets.json").exists():
+            raise ProvisionError(f"{store.folder(args.node) / 'secrets.json'} is missing: run `yujing provision "
+                                 f"add-node {args.node} …` first")
+        paths = dict(TLS_FILES)
+        if args.config is not None:  # a TLS node: mqtt.tls set, the DER files where the config says
+            extra["/config.json"], paths = tls_config(extra["/config.json"], f"--config {args.config}", None)
+        extra["/secrets.json"] = node_secrets(store, args.node)
+        extra.update(der_files(store, args.node, paths))
     port = _port(args)
     print("\n".join(board.preflight(port).lines()))
     report = board.sync_firmware(port, board.compile_firmware(args.firmware))

@@ -7,6 +7,8 @@ Layout (the site directory and every folder in it 0700):
     identities/<id>/client.key the identity's private key (0600)
     identities/<id>/client.crt its certificate, CN = id, signed by the CA (0644)
     identities/<id>/secrets.json  {"mqtt_username", "mqtt_password"} (0600): the node firmware's /secrets.json keys
+    identities/<id>/command.key   a node's command key, 64 hex digits (0600): the COSE_Mac0 key the platform signs
+                               the node's commands with (gateway/node_commands.py); a gateway has none (Ed25519)
 
 ECDSA P-256 rather than Ed25519: mbedTLS on the ESP32 and every mosquitto build speak it, while
 Ed25519 client certificates are still missing from many TLS stacks.
@@ -38,6 +40,7 @@ from .atomic import PRIVATE, PUBLIC, private_dir, write_atomic
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 PLATFORM = "platform"  # the site's consumer account: reads the whole site, writes commands
 CA_YEARS = 20
+COMMAND_KEY = "command.key"
 CLIENT_YEARS = 10  # nodes stay on a slope for years; renewal in the field is not built (see README)
 
 
@@ -212,7 +215,7 @@ class IdentityStore:
         """A new key, certificate and password for an existing identity (the old certificate's serial must
         be recorded as revoked by the caller before this runs)."""
         d = self.folder(name)
-        for f in ("client.key", "client.crt", "secrets.json"):
+        for f in ("client.key", "client.crt", "secrets.json", COMMAND_KEY):
             (d / f).unlink(missing_ok=True)
         return self.ensure(ca, name)
 
@@ -239,11 +242,38 @@ class IdentityStore:
         pw = data.get("mqtt_password") if isinstance(data, dict) else None
         return pw if isinstance(pw, str) and pw else None
 
+    def command_key_path(self, name: str) -> Path:
+        return self.folder(name) / COMMAND_KEY
+
+    def command_key(self, name: str, *, create: bool = True) -> bytes:
+        """The node's 32-byte command key: made once per identity (a rekey deletes it, so the next call makes
+        a new one) and kept 0600 beside its other secrets; the platform reads it from this file."""
+        path = self.command_key_path(name)
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            if not create:
+                raise ProvisionError(f"{path} is missing: run `yujing provision rekey {name}`") from None
+            from gateway.node_commands import new_node_key
+
+            private_dir(path.parent)
+            key = new_node_key()
+            write_atomic(path, (key.hex() + "\n").encode(), PRIVATE)
+            return key
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ProvisionError(f"{path}: not 64 hex digits; run `yujing provision rekey {name}` for a new key "
+                                 f"(and install the node again)")
+        return key
+
     def forget(self, name: str) -> None:
         """Delete a revoked identity's secrets: they can no longer do anything but leak. Its certificate
         stays for the record."""
         d = self.folder(name)
-        for f in ("client.key", "secrets.json"):
+        for f in ("client.key", "secrets.json", COMMAND_KEY):
             (d / f).unlink(missing_ok=True)
 
     @staticmethod

@@ -65,6 +65,9 @@ class Device:
     replaced_by: str | None = None
     revoked_at: str | None = None
     kind: str = NODE  # "node" or "gateway" (`yujing provision gateway`); older inventories hold nodes only
+    # where the node's command key is (relative to the site directory; the key itself never is in here): the
+    # platform signs the node's commands with it (gateway/node_commands.py)
+    command_key_file: str | None = None
 
 
 @dataclass

@@ -7,12 +7,15 @@ Per board, in its own thread (the work is mpremote subprocesses and waiting on t
                replugged board has lost its clock)
     identity   certificate and password (Site.add_node: "nothing to do" when issued); then the broker files are
                rewritten and the broker reloaded, when the plan says how
-    files      /config.json and /secrets.json, each atomically (temporary name, SHA-256 on the board, rename)
+    files      /config.json (its mqtt section set for TLS), /secrets.json (MQTT account, command key) and the TLS
+               files /ca.der, /cert.der, /key.der (provisioning.node_files), in one copy: each to a temporary
+               name, SHA-256 checked on the board, then all renamed
     firmware   the .mpy files whose hash on the board differs
     online     reboot, then its birth (site, id, kind checked) and first readings on the broker (provisioning.verify)
 
 The journal (`<site dir>/journal.json`, rewritten whole after every step) records each node's steps with the
-inputs they were done for (hashes of config, secrets and firmware). A rerun skips a step done for the same inputs
+inputs they were done for (hashes of the config, secrets, command key, certificate, key and CA as written,
+and of the firmware). A rerun skips a step done for the same inputs
 and says so; a step left "running" by a killed run, or "failed", is done again. A node whose journal says
 "online" for the same inputs is skipped whole. Nothing is lost by redoing a step: every one is idempotent (the
 identity is kept, copies are skipped by hash, the old file stays in force until the new one is checked).
@@ -36,6 +39,7 @@ from typing import Any, Protocol
 from . import ProvisionError, board, discover
 from .atomic import PUBLIC, write_atomic
 from .inventory import utc_now
+from .node_files import Broker, node_files
 from .verify import BrokerAccess, VerifyResult, verify_online_sync
 from .workflow import Site
 
@@ -350,9 +354,8 @@ class Runner:
             b = discover.choose(boards, serial=n.serial, port=n.port)
             serial = n.serial or b.serial_number or b.port
             self.progress.update(n.node_id, "find", "done", f"{b.port} (serial {b.serial_number or '?'})")
-            config = n.config.read_bytes()
             if not self.fresh and prev.get("status") == "online" and self.site.store.load(n.node_id) is not None:
-                files_key = _sha(config + bytes(self._secrets(n)))
+                files_key = _files_key(self._files(n))
                 if (self.journal.done_for(n.node_id, "files", files_key)
                         and self.journal.done_for(n.node_id, "firmware", self.firmware_key)):
                     out.status, out.skipped = "online", list(STEPS)
@@ -379,13 +382,13 @@ class Runner:
                 self._done(n, step, serial, msg.split(";")[0])
 
             step = "files"
-            secrets = self._secrets(n)
-            key = _sha(config + bytes(secrets))
+            files = self._files(n)
+            key = _files_key(files)
             if not self._skip(n, step, key, out):
                 self._start(n, step)
-                r = board.sync_firmware(b.port, {"/config.json": config, "/secrets.json": bytes(secrets)})
+                r = board.sync_firmware(b.port, files)  # one copy: all put in force together, or none
                 out.bytes_copied += r.bytes_copied
-                self._done(n, step, key, f"{len(r.copied)} of 2 files copied ({r.bytes_copied} bytes)")
+                self._done(n, step, key, f"{len(r.copied)} of {len(files)} files copied ({r.bytes_copied} bytes)")
 
             step = "firmware"
             if not self._skip(n, step, self.firmware_key, out):
@@ -426,15 +429,14 @@ class Runner:
             self.journal.set_node(n.node_id, status="failed", failed_step=step, error=out.message)
             self.progress.update(n.node_id, step, "failed", out.message)
 
-    def _secrets(self, n: NodePlan) -> _Secret:
-        path = self.site.store.folder(n.node_id) / "secrets.json"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ProvisionError(f"{path} is missing: the identity step did not finish; run again") from None
-        if self.plan.wifi_password_file is not None:
-            doc["wifi_password"] = self.plan.wifi_password_file.read_text(encoding="utf-8").strip()
-        return _Secret((json.dumps(doc, indent=1) + "\n").encode())
+    def _files(self, n: NodePlan) -> dict[str, bytes]:
+        """/config.json (mqtt set for TLS), /secrets.json (with the command key) and the DER TLS files."""
+        with self._identity_lock:  # a node installed before command keys existed gets one (an inventory write)
+            self.site.ensure_command_key(n.node_id)
+        v = self.plan.verify
+        return node_files(self.site.store, n.node_id, n.config.read_bytes(), f"{n.node_id}: config {n.config}",
+                          broker=Broker(v.host, v.port, v.tls) if v is not None else None,
+                          wifi_password_file=self.plan.wifi_password_file)
 
     def _skip(self, n: NodePlan, step: str, key: str, out: NodeOutcome) -> bool:
         if self.fresh or not self.journal.done_for(n.node_id, step, key):
@@ -460,11 +462,9 @@ class Runner:
                                  f"{(proc.stderr or proc.stdout).strip()[-200:]}")
 
 
-class _Secret(bytes):
-    """Bytes of /secrets.json whose repr shows no secret (a traceback or a debug print cannot leak it)."""
-
-    def __repr__(self) -> str:
-        return f"<secrets.json, {len(self)} bytes>"
+def _files_key(files: dict[str, bytes]) -> str:
+    """The files step's inputs: every file's hash (a new config, a re-key or a new CA changes it)."""
+    return _sha(json.dumps({p: _sha(d) for p, d in sorted(files.items())}).encode())
 
 
 def report_lines(report: RunReport) -> list[str]:

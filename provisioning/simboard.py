@@ -8,9 +8,15 @@ the interpreter remounts it at `/`, so `/config.json` on the board is `FLASH/con
 What a board does and the unix port does not, the bridge plays:
 - soft reset: Ctrl-D at the friendly or raw prompt ends the unix process; the bridge starts a new one,
   prints `MPY: soft reboot`, and re-enters raw REPL if the board was in it (as mpremote expects);
+- /main.py (with `run_main=True`): run after power-on and after a reset from running code (machine.reset(),
+  deep sleep, a crash, `power_cycle()`), but not after a Ctrl-D soft reset in the raw REPL, as MicroPython does
+  (pyexec runs main.py only in the friendly REPL): mpremote's soft reset before its first command must reach the
+  raw prompt, not a node's endless loop;
+- pulling the plug (`power_cycle()`): the interpreter is killed wherever it is and a new one boots;
 - a serial line with nobody listening: output is dropped, never blocks the board.
 With `flash_size`, `os.statvfs('/')` reports a board's flash (that size less the files, in 4 KiB blocks); writes
-beyond it are not refused. Not played: hard reset, RTC (the unix port has no `machine.RTC`), serial timing.
+beyond it are not refused. Not played: RTC (the unix port has no `machine.RTC`; boot code may fake one), serial
+timing.
 
 Run by hand: `python -m provisioning.simboard FLASH_DIR` prints the port, Ctrl-C stops it.
 """
@@ -71,6 +77,23 @@ os.chdir('/')
 sys.path[:] = ['', '.frozen', '/lib']
 del _Flash, os, sys
 {extra}
+{main}"""
+
+# A board runs /main.py if it exists; Ctrl-C (mpremote connecting) stops it into the REPL.
+_MAIN = """
+import os
+try:
+    os.stat('/main.py')
+    _m = True
+except OSError:
+    _m = False
+del os
+if _m:
+    try:
+        import main
+    except KeyboardInterrupt:
+        pass
+del _m
 """
 
 
@@ -93,16 +116,20 @@ class SimBoard:
     """`with SimBoard(flash_dir) as board: mpremote connect board.port …`; stopped (no process left) on exit."""
 
     def __init__(self, flash: Path, *, flash_size: int | None = None, heapsize: str = "2M",
-                 executable: str | None = None, boot_code: str = "") -> None:
+                 executable: str | None = None, boot_code: str = "", run_main: bool = False) -> None:
         self.flash = Path(flash).resolve()
         self.flash_size = flash_size  # what os.statvfs('/') reports (free = size - files); None: the host disk
         self.heapsize = heapsize
         self.boot_code = boot_code  # run after the flash is mounted, at every (soft) reset: fakes go here
+        self.run_main = run_main  # run /main.py after power-on and hard resets (not after a raw-REPL soft reset)
+        self._main_next = True  # this start is a power-on or a hard reset
+        self._pending = False  # bytes sent to the raw prompt since it was shown (Ctrl-D then runs them)
         self.executable = executable or micropython_executable()
         self.soft_resets = 0
         self._raw = False
         self._reenter_raw = False
         self._running = False
+        self._soft_requested = False
         self._last = 0
         self._trace = bool(os.environ.get("YUJING_SIMBOARD_TRACE"))  # every byte both ways, on stderr
         self._stop = threading.Event()
@@ -165,7 +192,8 @@ class SimBoard:
             import fcntl
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        boot = _BOOT.format(root=str(self.flash), size=self.flash_size or 0, extra=self.boot_code)
+        main = _MAIN if self.run_main and self._main_next else ""
+        boot = _BOOT.format(root=str(self.flash), size=self.flash_size or 0, extra=self.boot_code, main=main)
         self._child = subprocess.Popen(
             [self.executable, "-X", f"heapsize={self.heapsize}", "-i", "-c", boot],
             stdin=slave, stdout=slave, stderr=slave, cwd=self.flash, preexec_fn=controlling_tty,
@@ -187,11 +215,28 @@ class SimBoard:
             os.close(self._child_fd)
             self._child_fd = -1
 
+    def power_cycle(self) -> None:
+        """Pull the plug and put it back: the interpreter ends wherever it is (a copy half done, the node's
+        loop) and a new one boots as after power-on (/main.py runs with `run_main`). The flash stays."""
+        with self._lock:
+            self._soft_requested = False
+            child = self._child
+        if child is not None and child.poll() is None:
+            child.kill()  # the bridge sees it end and starts the next one (_soft_reset)
+
     def _soft_reset(self) -> None:
         self._kill_child()
         if self._stop.is_set():
             return
         self.soft_resets += 1
+        soft = self._soft_requested
+        self._soft_requested = False
+        # Ctrl-D at the raw prompt: a soft reset in the raw REPL (no main.py, back to the raw prompt). Otherwise the
+        # interpreter ended by itself (machine.reset(), deep sleep, a crash) or lost power: a board then boots
+        # into the friendly REPL and runs main.py.
+        self._main_next = not soft
+        if not soft:
+            self._raw = self._running = False
         self._spawn()
         self._to_host(b"MPY: soft reboot\r\n")
         self._reenter_raw = self._raw  # at its first prompt
@@ -267,6 +312,7 @@ class SimBoard:
             return
         if data.endswith(b">"):
             self._running = False
+            self._pending = False
         out = bytearray()
         for b in data:  # a board's UART sends \r\n for print's \n
             if b == 0x0A and self._last != 0x0D:
@@ -283,10 +329,15 @@ class SimBoard:
         for b in data:  # raw or friendly, so a soft reset can put the new interpreter back where it was
             if b == 0x01:
                 self._raw = True
+                self._pending = False
             elif b == 0x02:
                 self._raw = False
             elif b == 0x04 and self._raw:
+                if not self._pending and not self._running:
+                    self._soft_requested = True  # Ctrl-D at an empty raw prompt: soft reset
                 self._running = True  # until the next prompt
+            elif b not in (0x03, 0x0D):
+                self._pending = True
         if b"\x03" in data and self._running and self._child is not None:
             # The unix port runs raw-paste code with its tty still raw (no ISIG), so a 0x03 byte would wait unread
             # until the code ends; a board's UART interrupt raises KeyboardInterrupt at once. Play that with SIGINT.

@@ -110,7 +110,8 @@ class Site:
         hashes = _hashes(firmware, config)
         creds = self.store.ensure(self.store.load_ca(), device_id)
         inv.devices[device_id] = Device(device_id, serial, location, technician, utc_now(), fingerprint(creds.cert),
-                                        creds.serial_hex, *hashes, kind=kind)
+                                        creds.serial_hex, *hashes, kind=kind,
+                                        command_key_file=self._command_key(device_id) if kind == NODE else None)
         inv.save(self.inventory_path)
         return Outcome(True, f"{device_id} on board {serial}: certificate {fingerprint(creds.cert)}; copy "
                              f"{creds.secrets_path} to the board as /secrets.json")
@@ -125,8 +126,10 @@ class Site:
         # leaves it revoked (safe), never valid and forgotten.
         inv.revoke_cert(dev, "rekey", at)
         inv.save(self.inventory_path)
-        creds = self.store.rekey(self.store.load_ca(), device_id)
+        creds = self.store.rekey(self.store.load_ca(), device_id)  # the command key too: a new one below
         dev.cert_fingerprint, dev.cert_serial = fingerprint(creds.cert), creds.serial_hex
+        if dev.kind == NODE:
+            dev.command_key_file = self._command_key(device_id)
         dev.rekeys.append(Rekey(at, technician))
         inv.save(self.inventory_path)
         return Outcome(True, f"{device_id}: new certificate {dev.cert_fingerprint} and password; copy "
@@ -154,13 +157,32 @@ class Site:
         creds = self.store.ensure(self.store.load_ca(), new)
         at = utc_now()
         inv.devices[new] = Device(new, serial or dev.board_serial, location if location is not None else dev.location,
-                                  technician, at, fingerprint(creds.cert), creds.serial_hex, *hashes, replaces=old)
+                                  technician, at, fingerprint(creds.cert), creds.serial_hex, *hashes, replaces=old,
+                                  command_key_file=self._command_key(new) if dev.kind == NODE else None)
         dev.status, dev.revoked_at, dev.replaced_by = REVOKED, at, new
         inv.revoke_cert(dev, "replaced", at)
         inv.save(self.inventory_path)  # one write: the new id installed and the old revoked together
         self.store.forget(old)
         return Outcome(True, f"{old} revoked, {new} installed on board {inv.devices[new].board_serial}; copy "
                              f"{creds.secrets_path} to the board, then run `yujing provision broker-files`")
+
+    # --- command keys -------------------------------------------------------------------------------------
+
+    def _command_key(self, device_id: str) -> str:
+        """Make the node's command key if it has none; where it is, relative to the site directory."""
+        self.store.command_key(device_id)
+        return self.store.command_key_path(device_id).relative_to(self.root).as_posix()
+
+    def ensure_command_key(self, device_id: str) -> bytes:
+        """The node's command key, made (and its place recorded in the inventory) if an older run installed the
+        node without one."""
+        key = self.store.command_key(device_id)
+        inv = self.load()
+        dev = inv.devices.get(device_id)
+        if dev is not None and dev.kind == NODE and dev.command_key_file is None:
+            dev.command_key_file = self._command_key(device_id)
+            inv.save(self.inventory_path)
+        return key
 
     # --- broker-files -------------------------------------------------------------------------------------
 

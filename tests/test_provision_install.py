@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from provisioning import discover
 from provisioning.inventory import Inventory
@@ -177,7 +179,16 @@ def test_two_boards_in_parallel_killed_mid_copy_then_resumed(bench: Bench, tmp_p
         print(f"rerun, {time.monotonic() - t0:.1f} s:\n{again.stdout}{again.stderr}")
         assert again.returncode == 0, again.stdout + again.stderr
     assert sorted(nodes.births) == ["slope-07", "slope-08"]
-    assert (a.flash / "config.json").read_bytes() == (tmp_path / "slope-07.json").read_bytes()
+    # the plan's config with its mqtt section set for TLS (the broker from the plan), and the node's DER TLS files
+    want = json.loads((tmp_path / "slope-07.json").read_bytes())
+    want["mqtt"] = {"tls": True, "host": "127.0.0.1", "port": broker.tls_port}
+    assert json.loads((a.flash / "config.json").read_bytes()) == want
+    cert = x509.load_pem_x509_certificate((site.store.folder("slope-07") / "client.crt").read_bytes())
+    assert (a.flash / "cert.der").read_bytes() == cert.public_bytes(serialization.Encoding.DER)
+    assert serialization.load_der_private_key((a.flash / "key.der").read_bytes(), None).public_key() == \
+        cert.public_key()
+    assert (a.flash / "ca.der").read_bytes() == x509.load_pem_x509_certificate(
+        site.store.ca_cert_path.read_bytes()).public_bytes(serialization.Encoding.DER)
     assert not tmp_on_board.exists()
     lines = again.stdout.splitlines()
     assert any(ln.split()[:3] == ["slope-07", "identity", "skipped"] for ln in lines)  # issued before the kill
@@ -195,9 +206,12 @@ def test_two_boards_in_parallel_killed_mid_copy_then_resumed(bench: Bench, tmp_p
     assert inv.devices["slope-07"].config_hash and inv.devices["slope-07"].firmware_hash
     on_board = json.loads((b.flash / "secrets.json").read_text())
     assert on_board["mqtt_password"] == site.store.password("slope-08")
+    assert on_board["command_key"] == site.store.command_key("slope-08", create=False).hex()
     for out in (first_out, again.stdout, again.stderr, (site.root / "journal.json").read_text()):
         for n in ("slope-07", "slope-08", "platform"):
             assert site.store.password(n) not in out  # no secret printed or journaled
+            if n != "platform":
+                assert site.store.command_key(n, create=False).hex() not in out
 
     # 3. once more with nothing changed: nothing is copied and no board is touched
     third = subprocess.run(install(site, plan, by_id), cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -156,6 +156,9 @@ def _secrets_on_disk(*roots: Path) -> set[str]:
         for secrets_file in root.rglob("secrets.json"):
             found.add(json.loads(secrets_file.read_text())["mqtt_password"])
         for key_file in [*root.rglob("*.key")]:
+            if key_file.name == "command.key":  # a node's command key: 64 hex digits, not PEM
+                found.add(key_file.read_text().strip())
+                continue
             key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
             raw = key.private_numbers().private_value.to_bytes(32, "big")  # type: ignore[union-attr]
             found |= {raw.hex(), base64.b64encode(raw).decode(), key_file.read_text().splitlines()[1]}
@@ -176,13 +179,15 @@ def test_inventory_holds_no_secret(site: Path, tmp_path: Path, capsys: pytest.Ca
     printed_all = printed.out + printed.err
     text = (site / "inventory.json").read_text()
     keys = [site / "ca" / "ca.key", tmp_path / "b" / "server.key", *site.rglob("client.key")]
+    command_keys = sorted(k.parent.name for k in site.rglob("command.key"))
+    assert command_keys == ["slope-07", "slope-18"], command_keys  # slope-08's went with its other secrets
     # passwords: platform, slope-07 twice, slope-08, slope-18; keys (3 forms each): CA, server, 5 clients
     assert len(secrets) >= 5 + 3 * 7, len(secrets)
     for secret in secrets:
         assert secret not in text, "a secret is in the inventory"
         assert secret not in printed_all, "a secret was printed"
     assert stat.S_IMODE((site / "inventory.json").stat().st_mode) == 0o644
-    for private in [*keys, *site.rglob("secrets.json"), tmp_path / "b" / "passwd"]:
+    for private in [*keys, *site.rglob("secrets.json"), *site.rglob("command.key"), tmp_path / "b" / "passwd"]:
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
 
 
