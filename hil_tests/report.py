@@ -1,16 +1,30 @@
 """What a scenario tells the HIL report: its seed, the faults it applied (with times), its figures and
 where its per-device logs are. A scenario takes the `hil_report` fixture (hil_tests/conftest.py) and fills
-it in; the session plugin collects one ScenarioRecord per test into the JSON report.
+it in; the session plugin (hil_tests/plugin.py) collects one ScenarioRecord per test into the JSON report.
 
 This module is the contract between the scenarios and the report plugin; keep it small and stable.
+
+Figures are free-form (JSON-able), but the summary table of `python -m hil_tests` shows these when present:
+`lost`, `duplicates`, `latency_p50_s`, `latency_p99_s`, `recovery_s` (the worst, if there were several faults).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "hil"
+MAIN_FIGURES = ("lost", "duplicates", "latency_p50_s", "latency_p99_s", "recovery_s")
+
+
+class InfraError(RuntimeError):
+    """The rig could not be built (a pty, a broker, a port): the scenario did not run, it did not fail. Raise it
+    (or let `ScenarioRecord.infrastructure()` turn an exception into it) and the report says "infra"."""
 
 
 @dataclass
@@ -35,3 +49,28 @@ class ScenarioRecord:
 
     def log(self, device: str, path: Path | str) -> None:
         self.logs[device] = str(path)
+
+    def log_path(self, device: str) -> Path:
+        """A file for this device's log under test-artifacts/hil/logs/<scenario>/ (kept after the run), recorded."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.nodeid.split("/")[-1]).strip("_")
+        path = ARTIFACTS / "logs" / safe / f"{device}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.log(device, path)
+        return path
+
+    def infrastructure(self) -> _Infra:
+        """`with hil_report.infrastructure(): …build the rig…`: an exception in it is an InfraError."""
+        return _Infra()
+
+
+class _Infra:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is not None and isinstance(exc, Exception) and not isinstance(exc, (InfraError, AssertionError)):
+            raise InfraError(f"{kind.__name__ if kind else 'error'}: {exc}") from exc
+        return False
+
+
+RECORD_KEY = pytest.StashKey[ScenarioRecord]()  # where the hil_report fixture leaves the record on the test item

@@ -97,8 +97,9 @@ def _with_local_uplink(text: str, broker_port: int, tmp: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def rig(broker_port: int, tmp: Path) -> AsyncIterator[Rig]:
-    bench = os.environ.get("YUJING_HIL_SITE")
+async def rig(broker_port: int, tmp: Path, site: Path | None = None) -> AsyncIterator[Rig]:
+    """`site`: a bench's site file (hil_tests/targets.py); None: $YUJING_HIL_SITE if set, else the simulated rig."""
+    bench = str(site) if site is not None else os.environ.get("YUJING_HIL_SITE")
     skip = {s for s in os.environ.get("YUJING_HIL_SKIP_DEVICES", "").split(",") if s}
     if bench:
         text = _with_local_uplink(Path(bench).read_text(), broker_port, tmp)

@@ -84,6 +84,7 @@ async def wait_new(watch: Watch, after: float, timeout: float = 20.0) -> float |
     return None if got is None else round(got - after, 3)
 
 
+@pytest.mark.needs("simulated_devices", "broker_control")
 async def test_broker_restart_and_refusal_lose_nothing(private_mosquitto: Broker, tmp_path: Path, hil_report,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     s = seed()

@@ -374,6 +374,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 @pytest.mark.parametrize("uplink", ["connected", "away"])
+@pytest.mark.needs("simulated_devices", "clock_control")
 async def test_clock_set_by_ntp_and_stepped_loses_nothing_and_alarms_stay_on_time(
     private_mosquitto, tmp_path: Path, hil_report: ScenarioRecord, uplink: str
 ) -> None:

@@ -39,6 +39,7 @@ from tests.conftest import free_port
 from tests.e2e import collecting, register, running, site
 
 from .netfault import FaultProxy
+from .report import ScenarioRecord
 
 pytestmark = pytest.mark.hil
 
@@ -287,8 +288,11 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_path: Path) -> None:
+@pytest.mark.needs("simulated_devices", "network_faults")
+async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_path: Path,
+                                                       hil_report: ScenarioRecord) -> None:
     s = seed()
+    hil_report.seed = s
     print(f"\nYUJING_HIL_SEED={s}")
     plan = fault_plan(s)
     modbus = free_port()
@@ -358,6 +362,7 @@ async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_pa
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "network-faults.json").write_text(json.dumps(report, indent=2))
         print(table(report))
+        fill_hil_report(hil_report, report, applied, mono0)
     assert len(applied) == len(plan)
     never = [f.fault for f in applied if f.recovery_s is None]
     assert not never, f"no new message within 20 s after: {never}"
@@ -368,6 +373,22 @@ async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_pa
     assert figures["out_of_order_count"] == 0, f"out of order within a lane: {figures['out_of_order']}"
 
 
+def fill_hil_report(rec: ScenarioRecord, report: dict[str, Any], applied: list[Applied], mono0: float) -> None:
+    """The session report's part: each fault as applied, and the main figures."""
+    for f in applied:
+        rec.fault(f"net.{f.fault}", round(f.began - mono0, 3), seconds=round(f.ended - f.began, 3), **f.params,
+                  recovery_s=f.recovery_s)
+    fig = report["figures"]
+    lat = fig["latency_s"].get("all") or {}
+    rec.figures.update(lost=fig["lost"], duplicates=fig["duplicate_seqs"], latency_p50_s=lat.get("p50"),
+                       latency_p99_s=lat.get("p99"),
+                       recovery_s=max((f.recovery_s for f in applied if f.recovery_s is not None), default=None),
+                       readings_polled=fig["readings_polled"], readings_delivered=fig["readings_delivered"],
+                       recovery_by_fault={k: v["recovery_s"] for k, v in report["recovery"].items()},
+                       duplicates_by_fault=report["duplicates_by_fault"])
+    rec.log("scenario", ARTIFACTS / "network-faults.json")
+
+
 def test_the_plan_is_a_function_of_the_seed() -> None:
     assert fault_plan(7) == fault_plan(7)
     assert fault_plan(7) != fault_plan(8)
@@ -375,6 +396,7 @@ def test_the_plan_is_a_function_of_the_seed() -> None:
     assert half_open.seconds > 2 * KEEPALIVE_S  # longer than paho needs to give up on a silent broker
 
 
+@pytest.mark.needs("simulated_devices", "network_faults")
 async def test_a_connect_that_is_reset_is_retried_within_seconds(private_mosquitto, tmp_path: Path) -> None:
     """The link is half-open while the gateway reconnects (its CONNECT gets no answer), then comes back and the
     stalled connection is reset, as a middlebox that lost its state does. The link works from that moment:

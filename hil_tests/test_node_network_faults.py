@@ -78,6 +78,7 @@ class Console:
         self._t.join(2)
 
 
+@pytest.mark.needs("simulated_devices", "nodes", "network_faults")
 async def test_node_network_faults_lose_nothing_and_keep_alarms_local(tmp_path: Path, hil_report) -> None:
     s = seed()
     plan = node_plan(s)

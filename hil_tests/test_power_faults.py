@@ -722,7 +722,7 @@ def analyse_node(runs: list[NodeRun]) -> dict[str, Any]:
     }
 
 
-@pytest.mark.needs("nodes", "node_kill", "node_flash_cut")
+@pytest.mark.needs("simulated_devices", "nodes", "node_kill", "node_flash_cut")
 def test_node_killed_and_flash_cut_boots_and_keeps_its_ring(tmp_path: Path, hil_report) -> None:
     s = seed()
     hil_report.seed = s
