@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +18,7 @@ from typing import Protocol
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerRTU
 from pymodbus.pdu import ModbusPDU
 
 from .base import DeviceError, TransportError, serial_open_failure
@@ -44,6 +46,10 @@ class SerialSettings:
     stopbits: int = 1
     timeout_s: float = 0.3
     reply_guard_s: float = 0.0  # after each reply, listen this long; a second reply makes the transaction bad
+
+
+def _crc(frame: bytes) -> bytes:
+    return FramerRTU.compute_CRC(frame).to_bytes(2, "big")
 
 
 class Transport(Protocol):
@@ -74,6 +80,7 @@ class ModbusTransport:
         self._rx_bytes = 0
         self._failed: dict[int, tuple[float, str]] = {}  # unit → when its last request failed, and which (serial)
         self._answered: dict[int, float] = {}  # unit → when it last answered (serial)
+        self._heard: deque[tuple[float, bytes]] = deque(maxlen=64)  # what came in lately, and when (serial)
         if isinstance(settings, TcpSettings):
             self._client = AsyncModbusTcpClient(
                 settings.host,
@@ -101,7 +108,19 @@ class ModbusTransport:
         # Bytes that arrive but never make a valid response mean CRC/framing trouble, not silence.
         if not sending:
             self._rx_bytes += len(data)
+            self._heard.append((time.monotonic(), data))
         return data
+
+    def _another_master(self, unit: int, since: float, reply: ModbusPDU) -> bool:
+        """Whether a read request to `unit` that is not ours was heard since `since` (serial). Another master is
+        talking to that slave then, and the reply just taken may be the answer to its request: an RTU reply names no
+        register, so one of the same shape decodes without complaint (hil_tests/test_line_faults.py, "rogue"). Its
+        request may be byte for byte one of ours: ours are not heard (an adapter that echoes them would need
+        pymodbus's handle_local_echo, which this transport does not set)."""
+        body = bytes([unit, reply.function_code]) + reply.encode()
+        heard = b"".join(d for t, d in self._heard if t >= since).replace(body + _crc(body), b"", 1)  # less the reply
+        return any(heard[i] == unit and heard[i + 1] in (1, 2, 3, 4) and _crc(heard[i : i + 6]) == heard[i + 6 : i + 8]
+                   for i in range(len(heard) - 7))
 
     @property
     def connected(self) -> bool:
@@ -132,19 +151,26 @@ class ModbusTransport:
             Table.HOLDING: c.read_holding_registers,
             Table.INPUT: c.read_input_registers,
         }[table]
-        response = await self._execute(lambda: call(address, count=count, device_id=unit), f"read {table.value} {address}+{count}", unit)
+        fc = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}[table]
+        what = f"read {table.value} {address}+{count}"
+        response = await self._execute(lambda: call(address, count=count, device_id=unit), what, unit, fc)
         values = response.bits if table.is_bits else response.registers
         if len(values) < count:
             raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: short reply, {len(values)} of {count}")
+        if len(values) != (8 * ((count + 7) // 8) if table.is_bits else count):
+            # Too long for this request: the answer to another (another master's read of more registers)
+            raise self._untrusted(unit, what, f"a reply of {len(values)} values")
         return list(values[:count])
 
     async def write_coil(self, address: int, value: bool, unit: int) -> None:
-        await self._execute(lambda: self._client.write_coil(address, value, device_id=unit), f"write coil {address}", unit)
+        what = f"write coil {address}"
+        await self._execute(lambda: self._client.write_coil(address, value, device_id=unit), what, unit, 5)
 
     async def write_register(self, address: int, value: int, unit: int) -> None:
-        await self._execute(lambda: self._client.write_register(address, value, device_id=unit), f"write register {address}", unit)
+        what = f"write register {address}"
+        await self._execute(lambda: self._client.write_register(address, value, device_id=unit), what, unit, 6)
 
-    async def _execute(self, call: Callable[[], Awaitable[ModbusPDU]], what: str, unit: int) -> ModbusPDU:
+    async def _execute(self, call: Callable[[], Awaitable[ModbusPDU]], what: str, unit: int, fc: int) -> ModbusPDU:
         if not self._client.connected:
             await self.connect()
         failed = self._failed.pop(unit, None)
@@ -159,6 +185,7 @@ class ModbusTransport:
             if quiet > 0:
                 await asyncio.sleep(quiet)
         self._rx_bytes = 0
+        sent_at = time.monotonic()
         try:
             response = await self._call_cancellable(call, what)
         except ModbusIOException as exc:
@@ -174,6 +201,14 @@ class ModbusTransport:
             raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: {exc}") from exc
         except OSError as exc:
             raise TransportError(f"{self.name}: {what}: {exc}") from exc
+        if isinstance(self.settings, SerialSettings):
+            # pymodbus matches an RTU reply by unit id only. A reply to another function (another master's read of
+            # the input registers, say) or too long for the request is not its answer; nor, perhaps, one taken while
+            # another master's request to the same slave was on the line (within a timeout before ours, or since).
+            if response.function_code & 0x7F != fc:
+                raise self._untrusted(unit, what, f"a reply to function {response.function_code & 0x7F}")
+            if self._another_master(unit, sent_at - self.settings.timeout_s, response):
+                raise self._untrusted(unit, what, "another master's request to this unit was heard")
         guard = getattr(self.settings, "reply_guard_s", 0.0)
         if guard > 0:
             # A reply that comes twice would be taken as the answer to the next request to this unit (an RTU
@@ -188,6 +223,13 @@ class ModbusTransport:
             code = getattr(response, "exception_code", 0)
             raise DeviceError(modbus_exception_quality(code), f"{self.name} unit {unit}: {what}: Modbus exception {code}")
         return response
+
+    def _untrusted(self, unit: int, what: str, problem: str) -> DeviceError:
+        """A reply that is not (surely) the answer to this request; its own answer may still come, so a different
+        request to that unit waits until it has passed by, as after a timeout."""
+        if isinstance(self.settings, SerialSettings):
+            self._failed[unit] = (time.monotonic(), what)
+        return DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: {problem}; reading not trusted")
 
     async def _call_cancellable(self, call: Callable[[], Awaitable[ModbusPDU]], what: str) -> ModbusPDU:
         try:

@@ -12,6 +12,10 @@ pymodbus RTU slaves on the other) whose forwarding can go wrong the ways a real 
     line.set(noise_rate=4.0)                # bursts of 1..8 random bytes per second towards the gateway, between frames
     line.set(noise_before_rate=0.5)         # per reply frame: a burst between the request and the reply
     line.set(units={1})                     # frame faults hit only the replies of these units (None: every unit)
+    line.set(units={1}, uart=Uart(9600))    # these slaves' UARTs are set otherwise (baud rate, parity, stop bits):
+                                            # requests and replies reach the other side as that UART samples them
+    line.set(rogue_rate=4.0, rogue_collide=0.3)   # a second master: seeded read requests to `units` (or anybody)
+                                            # that collide with the gateway's frames or go into idle time
     line.start_disconnect(units={1})        # nobody answers (the request never reaches the slave); units=None: the whole line
     await line.disconnect(5.0, units=None)  # … for 5 s, then reconnected
     line.clear()                            # a clean line again
@@ -20,23 +24,187 @@ pymodbus RTU slaves on the other) whose forwarding can go wrong the ways a real 
 
 Every random choice comes from one `random.Random(seed)`, split into sub-streams: one for the frame faults (each
 reply frame draws the same six numbers whichever faults are on, so the n-th reply meets the same dice in every
-run with that seed), one for the noise schedule and its bytes. The faults may change at any time; a reply already
-scheduled goes out as it was decided. Each slave's replies keep their order (a late reply delays that slave's next
-ones); another slave's are not held back. Noise goes out only while no reply is being sent.
+run with that seed), one for the noise schedule and its bytes, one for the second master's moments and requests
+(what a rogue request meets, idle line or a frame, depends on the gateway's timing, as for noise). The faults may
+change at any time; a reply already scheduled goes out as it was decided. Each slave's replies keep their order
+(a late reply delays that slave's next ones); another slave's are not held back. Noise goes out only while no
+reply is being sent.
+
+A wrong baud rate or parity and two transmitters at once are worked out bit by bit (`Uart`, `resample`, `collide`
+below): what the receiving UART would deliver is what the other end of the pty gets. Garbage that reaches the slaves'
+side is dropped unless it is a frame with a valid CRC, as a real slave drops it at the next silence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 from gateway.sim.ptybridge import PtyBridge
 
 from .netfault import FaultEvent
+
+# -- the UART at bit level: a wrong baud rate or parity, and two transmitters at once -----------------------------
+#
+# A pty carries bytes, not symbols, so what a mis-set UART makes of a frame is computed here, bit by bit, as the
+# receiving UART would sample it, and the bytes it would deliver are what the other end of the pty gets.
+#
+# The transmitter sends a frame's characters back to back: start bit (0), 8 data bits LSB first, the parity bit
+# (if any), the stop bit(s) (1); the idle line is 1. Two transmitters on the line at once are a wired-AND: the line
+# is 0 while either drives a 0 (on RS-485 two drivers that disagree give an undefined level; taking the 0 is the
+# usual model and deterministic). The receiver hunts for a falling edge, checks the start bit at its middle (a 1
+# there is a false start: it hunts again from that point), samples each further bit at its middle at its OWN rate,
+# checks only the first stop bit, and hunts for the next edge after that sample; after a framing error (stop bit
+# read 0) it waits for the line to go 1 and then 0, as a UART does. Edges are taken at their exact time (a real UART
+# finds them to 1/16 bit; that changes nothing at the ratios used here).
+#
+# What it delivers: Linux with pyserial's settings (as pymodbus opens the port, client and server: INPCK off,
+# IGNPAR and PARMRK off) hands over every character as sampled, framing or parity error or not ("keep"). A driver
+# that discards characters with errors is errors="drop". Times are exact fractions of a second: the model is
+# deterministic (no floats), and identical settings on both sides give back the bytes sent.
+
+
+@dataclass(frozen=True)
+class Uart:
+    """A UART's character format (8 data bits, as Modbus RTU has): baud rate, parity N/E/O, 1 or 2 stop bits."""
+
+    baudrate: int
+    parity: str = "N"
+    stopbits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.baudrate <= 0:
+            raise ValueError(f"Uart baudrate = {self.baudrate}: must be > 0")
+        if self.parity not in ("N", "E", "O"):
+            raise ValueError(f"Uart parity = {self.parity!r}: 'N', 'E' or 'O'")
+        if self.stopbits not in (1, 2):
+            raise ValueError(f"Uart stopbits = {self.stopbits}: 1 or 2")
+
+    @property
+    def bits_per_char(self) -> int:
+        return 1 + 8 + (self.parity != "N") + self.stopbits
+
+    @property
+    def bit(self) -> Fraction:
+        return Fraction(1, self.baudrate)
+
+    def __str__(self) -> str:
+        return f"{self.baudrate} 8{self.parity}{self.stopbits}"
+
+
+def _parity(byte: int, parity: str) -> int:
+    ones = byte.bit_count() & 1
+    return ones if parity == "E" else 1 - ones  # even: data + parity bit hold an even number of 1s
+
+
+Lows = list[tuple[Fraction, Fraction]]  # the intervals (seconds) in which the line is 0; 1 elsewhere
+
+
+def transmit(data: bytes, uart: Uart, at: Fraction = Fraction(0)) -> Lows:
+    """The intervals in which a UART sending `data` back to back from time `at` drives the line to 0."""
+    lows: Lows = []
+    t, bit = at, uart.bit
+    for b in data:
+        bits = [0, *((b >> i) & 1 for i in range(8))]
+        if uart.parity != "N":
+            bits.append(_parity(b, uart.parity))
+        bits.extend([1] * uart.stopbits)
+        for level in bits:
+            if level == 0:
+                if lows and lows[-1][1] == t:
+                    lows[-1] = (lows[-1][0], t + bit)
+                else:
+                    lows.append((t, t + bit))
+            t += bit
+    return lows
+
+
+def wire(*transmitters: Lows, deaf: tuple[Fraction, Fraction] | None = None) -> Lows:
+    """The line as one receiver hears it: the transmitters wired-AND (0 wins), and, if `deaf` is given, 1 during
+    that interval (a half-duplex transceiver whose receiver is off while its own driver is on)."""
+    spans = sorted(iv for lows in transmitters for iv in lows)
+    if deaf is not None:
+        a, b = deaf
+        cut: Lows = []
+        for lo, hi in spans:
+            if lo < a:
+                cut.append((lo, min(hi, a)))
+            if hi > b:
+                cut.append((max(lo, b), hi))
+        spans = sorted(cut)
+    out: Lows = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+@dataclass(frozen=True)
+class Char:
+    """One character as a receiving UART took it."""
+
+    byte: int
+    framing_error: bool  # the stop bit was read as 0
+    parity_error: bool  # the parity bit disagreed (only with parity on)
+
+
+def receive(lows: Lows, uart: Uart) -> list[Char]:
+    """The characters a UART set to `uart` takes from the line `lows` (merged, sorted, as `wire` returns)."""
+    starts = [lo for lo, _ in lows]
+
+    def level(t: Fraction) -> int:
+        i = bisect.bisect_right(starts, t) - 1
+        return 0 if i >= 0 and t < lows[i][1] else 1
+
+    out: list[Char] = []
+    bit = uart.bit
+    ready = None  # the receiver hunts for the first edge after this time (None: from the beginning)
+    while True:
+        i = 0 if ready is None else bisect.bisect_right(starts, ready)
+        if i >= len(starts):
+            return out
+        edge = starts[i]  # a falling edge: a low interval begins (the line was 1 just before)
+        if level(edge + bit / 2) != 0:
+            ready = edge + bit / 2  # a false start: too short a 0
+            continue
+        byte = sum(level(edge + (Fraction(3, 2) + k) * bit) << k for k in range(8))
+        n = 9
+        parity_error = False
+        if uart.parity != "N":
+            parity_error = level(edge + (n + Fraction(1, 2)) * bit) != _parity(byte, uart.parity)
+            n += 1
+        ready = edge + (n + Fraction(1, 2)) * bit
+        out.append(Char(byte, level(ready) == 0, parity_error))
+
+
+def deliver(chars: list[Char], errors: str = "keep") -> bytes:
+    """What the receiving side reads from its port: every character ("keep"), or only those without errors."""
+    if errors not in ("keep", "drop"):
+        raise ValueError(f"errors = {errors!r}: 'keep' or 'drop'")
+    return bytes(c.byte for c in chars if errors == "keep" or not (c.framing_error or c.parity_error))
+
+
+def resample(data: bytes, tx: Uart, rx: Uart, errors: str = "keep") -> bytes:
+    """What a UART set to `rx` delivers of a frame sent by a UART set to `tx` (identical settings: `data`)."""
+    return deliver(receive(wire(transmit(data, tx)), rx), errors)
+
+
+def collide(first: bytes, second: bytes, offset_bits: Fraction, uart: Uart, *, deaf_first: bool = False,
+            errors: str = "keep") -> bytes:
+    """What a receiver delivers when `second` starts `offset_bits` bit times after `first` (negative: before) on
+    one line; `deaf_first`: the receiver is the sender of `first` and hears nothing while it sends."""
+    a = transmit(first, uart)
+    b = transmit(second, uart, offset_bits * uart.bit)
+    deaf = (Fraction(0), len(first) * uart.bits_per_char * uart.bit) if deaf_first else None
+    return deliver(receive(wire(a, b, deaf=deaf), uart), errors)
 
 
 @dataclass(frozen=True)
@@ -55,6 +223,26 @@ class LineFaults:
     noise_before_rate: float = 0.0  # per reply frame: a noise burst on the line just before it (after the request)
     noise_bytes: tuple[int, int] = (1, 8)
     units: frozenset[int] | None = None  # whose replies the frame faults hit; None: everybody's
+    uart: Uart | None = None  # the UART setting of the slaves in `units` (wrong baud rate or parity); None: the line's
+    rogue_rate: float = 0.0  # a second master on the line: its requests per second, at seeded moments
+    rogue_collide: float = 0.0  # per rogue request on an idle line: it starts together with the next frame instead
+    rogue_fcs: tuple[int, ...] = (3, 4)  # it only reads (a rogue that writes would change what the slaves hold)
+    rogue_addresses: tuple[int, ...] = tuple(range(32))
+    rogue_count: tuple[int, int] = (1, 2)
+
+
+def _crc(frame: bytes) -> bytes:
+    c = 0xFFFF
+    for b in frame:
+        c ^= b
+        for _ in range(8):
+            c = (c >> 1) ^ 0xA001 if c & 1 else c >> 1
+    return bytes([c & 0xFF, c >> 8])
+
+
+def _is_frame(data: bytes) -> bool:
+    """Whether data is one RTU frame with a valid CRC (what a slave acts on; garbage it drops at the next silence)."""
+    return len(data) >= 4 and _crc(data[:-2]) == data[-2:]
 
 
 def _reply_length(buf: bytes) -> int | None:
@@ -78,7 +266,9 @@ class FaultyLine(PtyBridge):
         self.rng = random.Random(seed)
         self._frame_rng = random.Random(self.rng.getrandbits(64))
         self._noise_rng = random.Random(self.rng.getrandbits(64))
+        self._rogue_rng = random.Random(self.rng.getrandbits(64))
         self.baudrate = baudrate
+        self.uart = Uart(baudrate)  # the master's setting, and every slave's unless `faults.uart` says otherwise
         self.char_s = bits_per_char / baudrate
         self.faults = LineFaults()
         self.disconnected: frozenset[int] | None | bool = False  # False: connected; None: the whole line; a set: those units
@@ -89,6 +279,9 @@ class FaultyLine(PtyBridge):
         self._dbuf = b""
         self._out_at: dict[int, float] = {}  # unit → loop time when its last scheduled write to the gateway goes out
         self._noise_handle: asyncio.TimerHandle | None = None
+        self._rogue_handle: asyncio.TimerHandle | None = None
+        self._armed: tuple[bytes, float, str] | None = None  # a rogue request waiting to start with the next request
+                                                             # or reply (and where in it, 0..1)
         self._pending: set[asyncio.TimerHandle] = set()
 
     # -- life cycle -------------------------------------------------------------------------------------------
@@ -100,6 +293,8 @@ class FaultyLine(PtyBridge):
     def close(self) -> None:
         if self._noise_handle is not None:
             self._noise_handle.cancel()
+        if self._rogue_handle is not None:
+            self._rogue_handle.cancel()
         for h in self._pending:
             h.cancel()
         self._pending.clear()
@@ -119,9 +314,11 @@ class FaultyLine(PtyBridge):
         for k, v in changes.items():
             if not hasattr(self.faults, k) or k == "units":
                 raise TypeError(f"unknown fault {k!r}")
+            if k == "uart" and v is not None and not isinstance(v, Uart):
+                raise TypeError(f"uart = {v!r}: a Uart or None")
             if isinstance(v, (int, float)) and v < 0:
                 raise ValueError(f"{k} = {v}: must be >= 0")
-            if k.endswith("_rate") and k != "noise_rate" and v > 1:
+            if k.endswith("_rate") and k not in ("noise_rate", "rogue_rate") and v > 1:
                 raise ValueError(f"{k} = {v}: a probability per frame, 0..1")
         if units is not True:
             changes["units"] = None if units is None else frozenset(units)  # type: ignore[arg-type]
@@ -130,13 +327,16 @@ class FaultyLine(PtyBridge):
         self._log("set", **{k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(self.faults).items()
                             if v != getattr(defaults, k)})
         self._schedule_noise()
+        self._schedule_rogue()
         return self.faults
 
     def clear(self) -> None:
         """A clean line: no frame faults, no noise, everybody connected."""
         self.faults = LineFaults()
         self.disconnected = False
+        self._armed = None
         self._schedule_noise()
+        self._schedule_rogue()
         self._log("clear")
 
     def start_disconnect(self, units: set[int] | None = None) -> None:
@@ -159,14 +359,54 @@ class FaultyLine(PtyBridge):
         d = self.disconnected
         return d is None or (d is not False and unit in d)  # type: ignore[operator]
 
+    def _uart_of(self, unit: int) -> Uart | None:
+        """The setting of that slave's UART if it differs from the line's."""
+        f = self.faults
+        if f.uart is None or f.uart == self.uart or not (f.units is None or unit in f.units):
+            return None
+        return f.uart
+
     def _request(self, frame: bytes) -> None:
-        if self._cut_off(frame[0]):
+        unit = frame[0]
+        if self._cut_off(unit):
             self.stats.requests += 1
-            self.stats.per_unit[frame[0]] = self.stats.per_unit.get(frame[0], 0) + 1
+            self.stats.per_unit[unit] = self.stats.per_unit.get(unit, 0) + 1
             self.stats.dropped += 1
             self._awaiting = None
             return
-        super()._request(frame)
+        if self._armed is not None and self._armed[2] == "request":
+            self._collide_request(frame)
+            return
+        uart = self._uart_of(unit)
+        if uart is None:
+            super()._request(frame)
+            return
+        # The addressed slave takes the request as its mis-set UART samples it (the others, set right, hear the
+        # request intact and ignore it: it is not theirs; the mis-set slave's reading of their requests is not
+        # modelled).
+        heard = resample(frame, self.uart, uart)
+        self._sent(unit)
+        self._hit("uart", unit, -1, direction="request", uart=str(uart), sent=frame.hex(), heard=heard.hex())
+        self._to_slaves(heard)
+
+    def _sent(self, unit: int) -> None:
+        """The PtyBridge's bookkeeping for a request from the gateway to `unit`."""
+        now = asyncio.get_running_loop().time()
+        if self._awaiting is not None and now - self._awaiting_since < self.response_timeout:
+            self.stats.overlaps += 1
+        self.stats.requests += 1
+        self.stats.per_unit[unit] = self.stats.per_unit.get(unit, 0) + 1
+        self._awaiting, self._awaiting_since = unit, now
+
+    def _to_slaves(self, data: bytes) -> None:
+        # A slave acts on a frame with a valid CRC and drops garbage at the next silence of 3.5 characters. The
+        # pymodbus server would keep garbage in its buffer and lose the next good request with it (it does not time
+        # the line), so what is not a frame is dropped here, on its behalf.
+        if _is_frame(data):
+            try:
+                os.write(self.master_b, data)
+            except OSError:
+                pass
 
     def _from_device(self) -> None:
         data = self._read(self.master_b)
@@ -195,6 +435,14 @@ class FaultyLine(PtyBridge):
         delay = 0.0
         pieces: list[tuple[float, bytes]] = []
         out = bytearray(frame)
+        if (uart := self._uart_of(unit)) is not None:
+            heard = resample(frame, uart, self.uart)  # sent by the mis-set slave, taken by the line's UARTs
+            self._hit("uart", unit, index, direction="reply", uart=str(uart), sent=frame.hex(), heard=heard.hex())
+            out = bytearray(heard)
+        if self._armed is not None and out:
+            out = bytearray(self._collide_reply(bytes(out), unit, index))
+        if not out:
+            return
         if hit and d_flip < f.flip_rate:
             bits = sorted(pick.sample(range(len(out) * 8), pick.randint(*f.flip_bits)))
             for b in bits:
@@ -251,6 +499,80 @@ class FaultyLine(PtyBridge):
             os.write(self.master_a, chunk)
         except OSError:
             pass  # the line was closed under us
+
+    # -- a second master -------------------------------------------------------------------------------------------
+
+    def _schedule_rogue(self) -> None:
+        if self._rogue_handle is not None:
+            self._rogue_handle.cancel()
+            self._rogue_handle = None
+        if self.faults.rogue_rate > 0 and self._loop is not None:
+            self._rogue_handle = self._loop.call_later(self._rogue_rng.expovariate(self.faults.rogue_rate), self._rogue)
+
+    def _busy(self) -> bool:
+        """Whether a transaction of the gateway is under way (its request out, its reply not yet back)."""
+        now = asyncio.get_running_loop().time()
+        awaiting = self._awaiting is not None and now - self._awaiting_since < 0.05
+        return awaiting or bool(self._pending) or max(self._out_at.values(), default=0.0) > now
+
+    def _rogue(self) -> None:
+        """A moment at which the second master sends a request. It does not listen first: on a busy line (the
+        gateway waiting for a reply) its request collides with the reply; on an idle line it goes out alone (and the
+        slave answers it, to everybody) or, with probability rogue_collide, starts together with the gateway's next
+        request or the reply to it (even odds). Each moment draws the same seven numbers."""
+        self._rogue_handle = None
+        r = self._rogue_rng
+        d_mode, d_unit, d_fc, d_addr, d_count, d_offset, d_target = (r.random() for _ in range(7))
+        f = self.faults
+        units = sorted(f.units) if f.units is not None else (sorted(self.stats.per_unit) or [1])
+        lo, hi = f.rogue_count
+        unit = units[int(d_unit * len(units))]
+        fc = f.rogue_fcs[int(d_fc * len(f.rogue_fcs))]
+        address = f.rogue_addresses[int(d_addr * len(f.rogue_addresses))]
+        count = lo + int(d_count * (hi - lo + 1))
+        body = bytes([unit, fc]) + address.to_bytes(2, "big") + count.to_bytes(2, "big")
+        frame = body + _crc(body)
+        if self._armed is not None:
+            pass  # it is still waiting to start with the next frame
+        elif self._busy():
+            self._armed = (frame, d_offset, "reply")
+        elif d_mode < f.rogue_collide:
+            self._armed = (frame, d_offset, "request" if d_target < 0.5 else "reply")
+        else:
+            self._to_slaves(frame)  # everybody hears it: the slaves (one answers) and the gateway
+            self._write(frame)
+            self._hit("rogue_idle", unit, -1, request=frame.hex())
+        self._schedule_rogue()
+
+    def _offset(self, first: bytes, second: bytes, draw: float) -> Fraction:
+        """When the rogue's frame starts, in bit times after the other one's start, so that they overlap."""
+        a, b = len(first) * self.uart.bits_per_char, len(second) * self.uart.bits_per_char
+        return Fraction(round((1 - b + draw * (a + b - 2)) * 16), 16)
+
+    def _collide_request(self, frame: bytes) -> None:
+        assert self._armed is not None
+        rogue, draw, _ = self._armed
+        self._armed = None
+        offset = self._offset(frame, rogue, draw)
+        slaves = collide(frame, rogue, offset, self.uart)
+        gateway = collide(frame, rogue, offset, self.uart, deaf_first=True)  # it hears only what is not its own sending
+        self._sent(frame[0])
+        self._hit("rogue_on_request", frame[0], -1, offset_bits=float(offset), rogue=rogue.hex(),
+                  sent=frame.hex(), slaves_heard=slaves.hex(), gateway_heard=gateway.hex())
+        self._to_slaves(slaves)
+        if gateway:
+            self._write(gateway)
+
+    def _collide_reply(self, frame: bytes, unit: int, index: int) -> bytes:
+        assert self._armed is not None
+        rogue, draw, _ = self._armed
+        self._armed = None
+        offset = self._offset(frame, rogue, draw)
+        heard = collide(frame, rogue, offset, self.uart)  # the gateway and the slaves hear the same
+        self._hit("rogue_on_reply", unit, index, offset_bits=float(offset), rogue=rogue.hex(),
+                  sent=frame.hex(), heard=heard.hex())
+        self._to_slaves(heard)
+        return heard
 
     # -- noise ----------------------------------------------------------------------------------------------------
 

@@ -7,17 +7,21 @@ taken for the wrong request would decode without complaint. A threshold rule wat
 
 The plan goes through each fault class for a few seconds — flipped bits (CRC errors), a reply split by a gap of
 more than 3.5 character times, a late answer (after the gateway's timeout), an answer sent twice, noise bytes
-between frames, the victim's line disconnected — each followed by a clean phase in which an alarm crossing is
-made. The slaves' values are constant within a phase (they change only at the crossing). Checked after each:
+between frames, the victim's line disconnected, the victim's UART at a wrong baud rate ("baud") or parity
+("parity"), a second master on the line ("rogue": seeded read requests to the victim, into idle time or colliding
+with the gateway's request or a reply) — each followed by a clean phase in which an alarm crossing is made. The
+slaves' values are constant within a phase (they change only at the crossing). Checked after each:
 
 - the bystander's readings keep their rate (the bus never stops polling it);
 - every poll produces its readings (a failed transaction is a bad quality, no gap, no exception in the log);
 - no good reading carries a value the slave did not hold at that time (garbage never becomes a good value);
 - the victim is back to good/online within RECOVERY_POLLS polls after the fault ends (measured);
+- with a wrong baud rate or parity, every poll of the victim made during the fault is bad (no reading good at all);
 - the crossing made in the clean phase is raised (or cleared) within one poll interval + 50 ms (measured from the
   register change to the alarm desk's level change).
 
-Everything goes to test-artifacts/hil/line-faults.json, and a table to stdout (-s). The seed: YUJING_HIL_SEED
+Everything goes to test-artifacts/hil/line-faults.json and to the HIL report (`hil_report`: the seed, one
+`rs485.<class>` fault per phase, the per-class figures), and a table to stdout (-s). The seed: YUJING_HIL_SEED
 (default below), printed; the same seed gives the same plan and the same per-frame dice on the line.
 """
 
@@ -36,13 +40,17 @@ from typing import Any
 
 import pytest
 
+from device_drivers.base import DeviceError
+from device_drivers.modbus import ModbusTransport, SerialSettings
+from device_drivers.registers import Table
 from gateway.app import Gateway
 from gateway.model import Quality
 from gateway.poll.bus import DeviceState
 from gateway.sim.devices import SimServer, SimSlave
 from tests.e2e import running, site, until
 
-from .linefault import FaultyLine
+from .linefault import FaultyLine, Uart
+from .report import ScenarioRecord
 
 pytestmark = pytest.mark.hil
 
@@ -129,7 +137,10 @@ class Step:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-CLASSES = ("flip", "split", "late", "twice", "noise", "disconnect")
+CLASSES = ("flip", "split", "late", "twice", "noise", "disconnect", "baud", "parity", "rogue")
+WRONG_SETTING = ("baud", "parity")  # every poll during the fault must be bad
+# The baud rates a mis-set slave may have: any of them garbles every request at BAUD (hil_tests/test_linefault.py).
+WRONG_BAUDS = (4800, 9600, 38400, 57600)
 
 
 def fault_plan(seed_: int) -> list[Step]:
@@ -139,7 +150,8 @@ def fault_plan(seed_: int) -> list[Step]:
     rng.shuffle(order)
     plan = []
     for c in order:
-        secs = round(rng.uniform(3.0, 3.8), 2)
+        # A wrong setting garbles every request (hil_tests/test_linefault.py): two polls inside the fault show it.
+        secs = round(rng.uniform(2.0, 2.6) if c in WRONG_SETTING else rng.uniform(3.0, 3.8), 2)
         if c == "flip":
             p: dict[str, Any] = {"flip_rate": round(rng.uniform(0.3, 0.6), 2)}
         elif c == "split":
@@ -150,10 +162,24 @@ def fault_plan(seed_: int) -> list[Step]:
             p = {"twice_rate": round(rng.uniform(0.3, 0.6), 2), "twice_gap_s": (0.002, 0.05)}
         elif c == "noise":
             p = {"noise_rate": round(rng.uniform(4.0, 8.0), 1), "noise_before_rate": round(rng.uniform(0.3, 0.6), 2)}
+        elif c == "baud":
+            p = {"uart": Uart(rng.choice(WRONG_BAUDS))}
+        elif c == "parity":
+            p = {"uart": Uart(BAUD, rng.choice("EO"))}  # 8E1/8O1 against 8N1 (8N2 is harmless: see test_linefault)
+        elif c == "rogue":
+            # It reads the victim's own registers (and neighbours), one or two, from either table: replies the
+            # gateway cannot tell from its own by their shape.
+            p = {"rogue_rate": round(rng.uniform(3.0, 5.0), 1), "rogue_collide": round(rng.uniform(0.2, 0.4), 2),
+                 "rogue_fcs": (3, 4), "rogue_count": (1, 2),
+                 "rogue_addresses": (ADDRESS[GAP], ADDRESS[TEMP], ADDRESS[GAP] + 1, ADDRESS[TEMP] + 1)}
         else:
             p = {}
         plan.append(Step(c, secs, p))
     return plan
+
+
+def jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Uart) else v) for k, v in params.items()}
 
 
 @dataclass
@@ -287,8 +313,12 @@ def analyse(rec: Recorder, truth: Truth, phases: list[Phase], wall0_ms: int, mon
         dur = ph.ended - ph.began
         w_wrong = [w for w in wrong if ph.began - mono0 <= w["t"] < end - mono0]
         by_bad = [s for s in bystander_fault if s.quality]
+        # The victim's polls made wholly inside the fault (begun after it began, delivered before it ended) that were
+        # good: with a wrong baud rate or parity there must be none.
+        inside_good = [s for s in window if UNIT_OF[s.point] == VICTIM and s.quality == Quality.GOOD
+                       and s.mono <= ph.ended and mono_of(s.ts_ms, wall0_ms, mono0) >= ph.began]
         per[ph.fault] = {
-            "params": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in ph.params.items()},
+            "params": jsonable(ph.params),
             "began_s": round(ph.began - mono0, 3),
             "ended_s": round(ph.ended - mono0, 3),
             "transactions": ph.requests_after - ph.requests_before,  # requests to the victim on the wire during the fault
@@ -296,6 +326,7 @@ def analyse(rec: Recorder, truth: Truth, phases: list[Phase], wall0_ms: int, mon
             "victim_polls": len(victim),
             "victim_bad_qualities": qual,
             "victim_bad": sum(qual.values()),
+            "victim_good_inside": len(inside_good),
             "wrong_values": len(w_wrong),
             "wrong_sample": w_wrong[:5],
             "bystander_polls": len(bystander_fault),
@@ -338,7 +369,8 @@ def apply(line: FaultyLine, step: Step) -> None:
     line.set(units={VICTIM}, **step.params)
 
 
-async def run_plan(plan: list[Step], s: int, tmp_path: Path, broker_port: int, caplog: Any, *, bus_extra: str = "") -> dict[str, Any]:
+async def run_plan(plan: list[Step], s: int, tmp_path: Path, broker_port: int, caplog: Any, *, bus_extra: str = "",
+                   record: ScenarioRecord | None = None, clean_s: float = 2.0) -> dict[str, Any]:
     line = FaultyLine(seed=s, baudrate=BAUD)
     line.start()
     server = SimServer([SimSlave(VICTIM), SimSlave(BYSTANDER)], serial={"port": line.device_port, "baudrate": BAUD})
@@ -361,10 +393,12 @@ async def run_plan(plan: list[Step], s: int, tmp_path: Path, broker_port: int, c
     try:
         async with running(gw):
             await until(lambda: any(x.point == GAP and x.quality == Quality.GOOD for x in rec.seen), timeout=10)
-            steps = [Step("clean", 2.0)] + plan
+            steps = ([Step("clean", clean_s)] if clean_s else []) + plan
             for step in steps:
                 ph = Phase(step.fault, step.params, time.monotonic(), 0.0, requests_before=line.stats.per_unit.get(VICTIM, 0))
                 hit0 = dict(line.applied)
+                if record is not None and step.fault != "clean":
+                    record.fault(f"rs485.{step.fault}", seconds=step.seconds, units=[VICTIM], **jsonable(step.params))
                 if step.fault == "disconnect":
                     await line.disconnect(step.seconds, units={VICTIM})
                 elif step.fault == "clean":
@@ -413,14 +447,19 @@ async def run_plan(plan: list[Step], s: int, tmp_path: Path, broker_port: int, c
     took = time.monotonic() - began
     figures = analyse(rec, truth, phases, wall0_ms, mono0)
     escaped = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info and r.name.startswith("yujing")]
+    if record is not None:
+        record.seed = s
+        per_class = {name: {k: c[k] for k in FIGURES} for name, c in figures["per_fault"].items()}
+        record.figures.setdefault("rs485", {}).update(per_class)
+        record.figures["rs485_wrong_values"] = figures["wrong_values"]
+        record.figures["rs485_longest_silence_s"] = figures["longest_silence_s"]
     return {
         "seed": s,
         "duration_s": round(took, 2),
         "config": {"baudrate": BAUD, "timeout_s": TIMEOUT_S, "interval_s": INTERVAL_S, "pause_s": PAUSE_S, "retries": RETRIES,
                    "offline_after": OFFLINE_AFTER, "backoff_max_s": BACKOFF_MAX_S, "char_time_ms": round(line.char_s * 1000, 3),
                    "requests_per_poll": 2, "bounds": {"recovery_polls": RECOVERY_POLLS, "alarm_latency_s": INTERVAL_S + ALARM_SLACK_S}},
-        "plan": [{"fault": p.fault, "seconds": p.seconds, **{k2: (list(v) if isinstance(v, tuple) else v) for k2, v in p.params.items()}}
-                 for p in plan],
+        "plan": [{"fault": p.fault, "seconds": p.seconds, **jsonable(p.params)} for p in plan],
         "line_events": line.report(mono0),
         "per_fault": figures.pop("per_fault"),
         "figures": figures,
@@ -429,9 +468,17 @@ async def run_plan(plan: list[Step], s: int, tmp_path: Path, broker_port: int, c
     }
 
 
-def write_report(report: dict[str, Any], name: str = "line-faults.json") -> None:
+# The per-class figures the HIL report gets (the JSON artifact has everything).
+FIGURES = ("transactions", "frames_hit", "victim_polls", "victim_bad", "victim_bad_qualities", "victim_good_inside",
+           "wrong_values", "bystander_polls", "bystander_expected", "bystander_bad", "recovery_polls", "recovery_s",
+           "online_s", "alarm_latency_s")
+
+
+def write_report(report: dict[str, Any], name: str = "line-faults.json", record: ScenarioRecord | None = None) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / name).write_text(json.dumps(report, indent=2))
+    if record is not None:
+        record.log("rs485-line", ARTIFACTS / name)
     print(table(report))
 
 
@@ -447,8 +494,15 @@ def check(report: dict[str, Any], *, skip_wrong: frozenset[str] = frozenset()) -
     for name, c in per.items():
         # The bystander keeps its rate: at most one slot short over the fault (where the fault began and ended).
         assert c["bystander_polls"] >= c["bystander_expected"] - 1.5, (name, c)
-        if name not in ("disconnect", "noise"):
+        if name not in ("disconnect", "noise", "rogue"):  # these hit the whole bus (a silent line, or collisions)
             assert c["bystander_bad"] == 0, (name, c)
+        if name in WRONG_SETTING:
+            # A slave at another baud rate or parity understands no request: every poll made during the fault is bad.
+            assert c["victim_good_inside"] == 0, (name, c)
+            assert c["victim_bad"] > 0, (name, c)
+            assert c["frames_hit"].get("uart", 0) > 0, (name, c)
+        if name == "rogue":
+            assert sum(n for k, n in c["frames_hit"].items() if k.startswith("rogue")) > 0, (name, c)
         if name not in skip_wrong:
             assert c["wrong_values"] == 0, (name, c["wrong_sample"])
         assert c["recovery_polls"] is not None, f"{name}: never good again"
@@ -465,14 +519,24 @@ def check(report: dict[str, Any], *, skip_wrong: frozenset[str] = frozenset()) -
 # (device_drivers.modbus: after a failure, a different request to that unit waits out the failed one's timeout;
 # test_a_late_reply_never_becomes_another_points_good_value). An answer sent twice 5-50 ms apart is still taken:
 # held by the strict xfail below; the main scenario reports that class's wrong values without failing on them.
-KNOWN_WRONG = frozenset({"twice"})
+# A second master ("rogue") made wrong good values too (the replies to its reads of the input registers, of two
+# registers, of the other address, taken as the gateway's): fixed in device_drivers.modbus (the function code and
+# the length must match, and a reply taken while another master's request to that unit was heard is not trusted;
+# test_the_transport_never_takes_a_second_masters_reply_for_its_own).
+# An answer later than two timeouts (the plan's late class goes to 3.5) comes after the wait described above and is
+# still taken by the next, different request: seeds 1 and 99 of this scenario showed it (radar.temp good with
+# radar.gap's value), as device_drivers/modbus.py did before the rogue checks above (not caused by them); held by
+# the strict xfail below. Tried and dropped: waiting 4 timeouts instead of 1 starved the bystander; counting the
+# unanswered requests per unit made every lost request distrust the next answers (recovery cascaded into offline).
+KNOWN_WRONG = frozenset({"twice", "late"})
 
 
-async def test_line_faults_never_give_a_wrong_good_value_and_recover(mosquitto, tmp_path: Path, caplog) -> None:
+async def test_line_faults_never_give_a_wrong_good_value_and_recover(mosquitto, tmp_path: Path, caplog,
+                                                                    hil_report: ScenarioRecord) -> None:
     s = seed()
     print(f"\nYUJING_HIL_SEED={s}")
-    report = await run_plan(fault_plan(s), s, tmp_path, mosquitto.port, caplog)
-    write_report(report)
+    report = await run_plan(fault_plan(s), s, tmp_path, mosquitto.port, caplog, record=hil_report)
+    write_report(report, record=hil_report)
     check(report, skip_wrong=KNOWN_WRONG)
 
 
@@ -485,9 +549,11 @@ def test_the_plan_is_a_function_of_the_seed() -> None:
 
 
 async def _one_class(fault: str, params: dict[str, Any], tmp_path: Path, broker_port: int, caplog: Any, *,
-                     bus_extra: str = "", name: str = "") -> dict[str, Any]:
+                     bus_extra: str = "", name: str = "", record: ScenarioRecord | None = None) -> dict[str, Any]:
     s = seed()
-    report = await run_plan([Step(fault, 4.0, params)], s, tmp_path, broker_port, caplog, bus_extra=bus_extra)
+    # No clean phase first (the main scenario has one): these tests look only at the fault's own figures.
+    report = await run_plan([Step(fault, 4.0, params)], s, tmp_path, broker_port, caplog, bus_extra=bus_extra,
+                            clean_s=0, record=record)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)  # the evidence, beside the scenario's report
     (ARTIFACTS / f"line-faults-{name or fault}.json").write_text(json.dumps(report, indent=2))
     return report["per_fault"][fault]
@@ -495,18 +561,20 @@ async def _one_class(fault: str, params: dict[str, Any], tmp_path: Path, broker_
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="a reply sent twice is taken as the answer to the next request to the same unit "
                                         "(pymodbus matches replies by unit id only): a wrong value with quality good")
-async def test_a_reply_sent_twice_never_becomes_another_points_good_value(mosquitto, tmp_path: Path, caplog) -> None:
-    c = await _one_class("twice", {"twice_rate": 1.0, "twice_gap_s": (0.008, 0.03)}, tmp_path, mosquitto.port, caplog)
+async def test_a_reply_sent_twice_never_becomes_another_points_good_value(mosquitto, tmp_path: Path, caplog,
+                                                                         hil_report: ScenarioRecord) -> None:
+    c = await _one_class("twice", {"twice_rate": 1.0, "twice_gap_s": (0.008, 0.03)}, tmp_path, mosquitto.port, caplog,
+                         record=hil_report)
     print(f"\ntwice: {c['wrong_values']} wrong good values, e.g. {c['wrong_sample'][:2]}")
     assert c["wrong_values"] == 0, c["wrong_sample"]
 
 
-async def test_with_a_reply_guard_a_reply_sent_twice_is_a_framing_error_not_a_wrong_value(mosquitto, tmp_path: Path,
-                                                                                          caplog) -> None:
+async def test_with_a_reply_guard_a_reply_sent_twice_is_a_framing_error_not_a_wrong_value(
+        mosquitto, tmp_path: Path, caplog, hil_report: ScenarioRecord) -> None:
     """`reply_guard_s` (a bus setting, off by default: it costs every transaction its length) listens after each
     reply; the second copy makes that transaction a framing error instead of the next request's answer."""
     c = await _one_class("twice", {"twice_rate": 1.0, "twice_gap_s": (0.008, 0.03)}, tmp_path, mosquitto.port, caplog,
-                         bus_extra="reply_guard_s = 0.05\n", name="twice-guarded")
+                         bus_extra="reply_guard_s = 0.05\n", name="twice-guarded", record=hil_report)
     print(f"\ntwice with reply_guard_s = 0.05: {c['wrong_values']} wrong good values, {c['victim_bad']} bad readings")
     assert c["wrong_values"] == 0, c["wrong_sample"]
 
@@ -516,7 +584,80 @@ async def test_with_a_reply_guard_a_reply_sent_twice_is_a_framing_error_not_a_wr
 LATE_INTO_NEXT = (TIMEOUT_S + 0.03, TIMEOUT_S + 0.08)
 
 
-async def test_a_late_reply_never_becomes_another_points_good_value(mosquitto, tmp_path: Path, caplog) -> None:
-    c = await _one_class("late", {"late_rate": 1.0, "late_s": LATE_INTO_NEXT}, tmp_path, mosquitto.port, caplog)
+async def test_a_late_reply_never_becomes_another_points_good_value(mosquitto, tmp_path: Path, caplog,
+                                                                    hil_report: ScenarioRecord) -> None:
+    c = await _one_class("late", {"late_rate": 1.0, "late_s": LATE_INTO_NEXT}, tmp_path, mosquitto.port, caplog,
+                         record=hil_report)
     print(f"\nlate: {c['wrong_values']} wrong good values, e.g. {c['wrong_sample'][:2]}")
     assert c["wrong_values"] == 0, c["wrong_sample"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="an answer later than two timeouts is taken as the "
+                   "answer to the next, different request to the same unit (the wait after a failure is one timeout): "
+                   "a wrong value with quality good")
+async def test_an_answer_later_than_two_timeouts_never_becomes_another_points_good_value(
+        mosquitto, tmp_path: Path, caplog, hil_report: ScenarioRecord) -> None:
+    c = await _one_class("late", {"late_rate": 1.0, "late_s": LATE_PAST_WAIT}, tmp_path, mosquitto.port, caplog,
+                         name="late-past-wait", record=hil_report)
+    print(f"\nlate past the wait: {c['wrong_values']} wrong good values, e.g. {c['wrong_sample'][:2]}")
+    assert c["wrong_values"] == 0, c["wrong_sample"]
+
+
+# Later than the failed request's timeout plus the wait after it (two timeouts), within the plan's range.
+LATE_PAST_WAIT = (TIMEOUT_S * 2.2, TIMEOUT_S * 3.5)
+
+
+async def test_the_transport_never_takes_a_second_masters_reply_for_its_own(hil_report: ScenarioRecord) -> None:
+    """The rogue master (6 requests a second) against the RTU transport alone, reading two registers of one slave
+    back to back (some 100-300 transactions in 2.5 s or more): every value it returns is the one the slave holds at the
+    address asked. Before device_drivers.modbus checked the function code, the reply's length and whether another
+    master's request to the unit was on the line, it took the rogue's replies (of the input registers, of two
+    registers, or of the other address) as its own."""
+    s = seed()
+    held = {ADDRESS[GAP]: 3001, ADDRESS[TEMP]: 510}
+    params = {"rogue_rate": 6.0, "rogue_collide": 0.3, "rogue_fcs": (3, 4), "rogue_count": (1, 2),
+              "rogue_addresses": (ADDRESS[GAP], ADDRESS[TEMP], ADDRESS[GAP] + 1, ADDRESS[TEMP] + 1)}
+    hil_report.seed = s
+    line = FaultyLine(seed=s, baudrate=BAUD)
+    line.start()
+    server = SimServer([SimSlave(VICTIM)], serial={"port": line.device_port, "baudrate": BAUD})
+    await server.start()
+    transport = ModbusTransport("rs485", SerialSettings(line.gateway_port, BAUD, timeout_s=TIMEOUT_S))
+    good: dict[int, list[int]] = {a: [] for a in held}
+    bad: dict[str, int] = {}
+    try:
+        for address, value in held.items():
+            await server.server.async_setValues(VICTIM, 16, address, [value])  # the holding registers (FC 16)
+        line.set(units={VICTIM}, **params)
+        hil_report.fault("rs485.rogue", units=[VICTIM], **jsonable(params))
+        # 2.5 s, and on until the rogue has collided with a frame twice (its moments are seeded, how many fit in
+        # 2.5 s is not), at most 6 s
+        began = time.monotonic()
+
+        def enough() -> bool:
+            collided = line.applied.get("rogue_on_request", 0) + line.applied.get("rogue_on_reply", 0)
+            return time.monotonic() - began > 6.0 or (time.monotonic() - began > 2.5 and collided >= 2)
+
+        while not enough():
+            for address in held:
+                try:
+                    good[address].extend(await transport.read(Table.HOLDING, address, 1, VICTIM))
+                except DeviceError as exc:
+                    why = str(exc).split(": ")[-1]
+                    bad[why] = bad.get(why, 0) + 1
+                await asyncio.sleep(PAUSE_S)
+        line.clear()
+    finally:
+        transport.close()
+        await server.stop()
+        line.close()
+    wrong = {a: sorted({v for v in vs if v != held[a]}) for a, vs in good.items()}
+    figures = {"good": {a: len(vs) for a, vs in good.items()}, "bad": bad, "wrong": wrong, "rogue": {
+        k: v for k, v in line.applied.items() if k.startswith("rogue")}}
+    hil_report.figures["rs485_rogue_transport"] = figures
+    print(f"\nYUJING_HIL_SEED={s}: {figures}")
+    assert all(not w for w in wrong.values()), wrong
+    assert all(len(vs) > 20 for vs in good.values()), figures  # the line was usable between the rogue's frames
+    collisions = line.applied.get("rogue_on_request", 0) + line.applied.get("rogue_on_reply", 0)
+    assert line.applied.get("rogue_idle", 0) >= 3 and collisions >= 2, figures
+    assert any("not trusted" in why for why in bad), figures  # the replies it did not take for its own
