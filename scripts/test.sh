@@ -7,4 +7,9 @@ scripts/setup.sh test,consumer python3-venv mosquitto socat nodejs openssl chrom
 if [ -f firmware/host/package-lock.json ]; then
   npm ci --prefix firmware/host --no-audit --no-fund --loglevel=error
 fi
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+# The whole suite: three pytest sessions side by side (it mostly waits on brokers, timeouts and simulated
+# boards), each session's output shown in full when all are done; see scripts/parallel_pytest.py.
+exec .venv/bin/python scripts/parallel_pytest.py
