@@ -70,7 +70,9 @@ def test_node_over_tls_publishes_birth_and_readings_the_consumer_decodes(tmp_pat
     assert msgs[0][0].endswith("/n1/birth"), "the birth comes first"
     birth = wire.decode_birth(msgs[0][1])
     assert (birth.site, birth.gateway, birth.kind) == (SITE, "n1", "node")
-    assert [r["value"] for r in records] == [50.88, 50.88] and records[0]["device"] == "crack"
+    # two data messages: one reading each, or more when a cycle had too little time left before the next sample
+    # to wait for a PUBACK and its reading went out later from the ring (the network never makes a sample late)
+    assert len(records) >= 2 and {(r["device"], r["value"]) for r in records} == {("crack", 50.88)}, records
     assert wire.decode_data(msgs[1][1]).readings[0].value == Decimal("50.88")  # exact decimal, tag 4
 
 
