@@ -19,12 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def groups() -> list[tuple[str, list[str]]]:
-    """The HIL scenarios, and tests/ split in two by file name (every test file in exactly one group)."""
+def groups(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """The HIL scenarios through their own command (JUnit XML, the JSON report and the summary table in
+    test-artifacts/hil/), and tests/ split in two by file name (every test file in exactly one group)."""
     files = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_*.py"))
     first = [f for f in files if Path(f).name < "test_p"]
     second = [f for f in files if Path(f).name >= "test_p"]
-    return [("hil_tests", ["hil_tests"]), ("tests a-o", first), ("tests p-z", second)]
+    pytest = [sys.executable, "-m", "pytest", *argv]
+    return [("hil_tests", [sys.executable, "-m", "hil_tests", *argv]), ("tests a-o", pytest + first),
+            ("tests p-z", pytest + second)]
 
 
 def main(argv: list[str]) -> int:
@@ -32,13 +35,12 @@ def main(argv: list[str]) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     running = []
     began = time.monotonic()
-    for name, paths in groups():
+    for name, cmd in groups(argv):
         log = logs / (name.replace(" ", "-") + ".log")
         out = log.open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", *argv, *paths], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         running.append((name, proc, log, out, time.monotonic()))
-        print(f"started: {name} ({len(paths)} paths) -> {log.relative_to(ROOT)}", flush=True)
+        print(f"started: {name} -> {log.relative_to(ROOT)}", flush=True)
     finished: dict[str, tuple[int, float]] = {}
     while len(finished) < len(running):
         for name, proc, _, out, t0 in running:
