@@ -8,7 +8,9 @@ and duplicates"; no power cut here) is checked exactly:
 
 - every reading the gateway polled arrives (by point and timestamp), and the data seqs of the session have no gap;
 - a seq that arrives twice is byte-identical; no reading arrives under two different seqs;
-- within each lane (live, historical), each point's readings arrive in time order.
+- within each lane (live, historical), each point's readings arrive in time order;
+- a local output (a siren coil driven by a threshold on the same device) follows every crossing of its threshold
+  within one poll interval + 50 ms, faults or not, and is in the right state at the end.
 
 Measured, not asserted beyond "it came back": per fault, the time from its end to the first new message at the
 consumer; reading → consumer latency percentiles per phase. All of it goes to
@@ -59,6 +61,50 @@ class Step:
     fault: str  # the class it is reported under
     seconds: float  # how long it lasts (a reset: how long the link then runs clean before the next step)
     params: dict[str, float] = field(default_factory=dict)
+
+
+SIREN_COIL = 7
+# The local output: a threshold on p0 drives a coil of the same device. The network is not in its path, so the
+# output must follow every crossing within one poll interval + 50 ms whatever the uplink is going through.
+SIREN = f"""
+[[rules]]
+kind = "threshold"
+id = "d.high"
+point = "d.p0"
+levels = [ {{ level = "III_YELLOW", set = 100, clear = 90 }} ]
+
+[[actions]]
+kind = "coil"
+name = "siren"
+when = {{ rules = ["d.*"], level = "III_YELLOW" }}
+bus = "plc"
+unit = 1
+address = {SIREN_COIL}
+"""
+
+
+async def cross(server: SimServer, point: Any, seed_: int, flips: list[tuple[float, bool]]) -> None:
+    """The gauge crosses the threshold up and down every 1.5-3 s (seeded) until cancelled; each crossing noted."""
+    rng = random.Random(f"siren-{seed_}")
+    on = False
+    while True:
+        await asyncio.sleep(rng.uniform(1.5, 3.0))
+        on = not on
+        await server.set_point(1, point, 150 if on else 0)
+        flips.append((time.monotonic(), on))
+
+
+def outputs(flips: list[tuple[float, bool]], writes: list[tuple[int, bool, float]], final: bool,
+            applied: list[Applied]) -> dict[str, Any]:
+    """Each crossing against the coil writes that followed it: latency, misses, and how many fell in a fault."""
+    ours = [(t, v) for a, v, t in writes if a == SIREN_COIL]
+    lat, missed = [], []
+    for t, on in flips:
+        got = next((w for w, v in ours if w >= t and v == on), None)
+        (missed.append(round(t, 3)) if got is None else lat.append(got - t))
+    in_fault = sum(1 for t, _ in flips if any(f.began <= t <= f.ended for f in applied))
+    return {"crossings": len(flips), "during_faults": in_fault, "missed": missed,
+            "latency_s": percentiles(lat) or {"max": None}, "final_right": bool(flips) and final == flips[-1][1]}
 
 
 def fault_plan(seed_: int) -> list[Step]:
@@ -282,6 +328,11 @@ def table(report: dict[str, Any]) -> str:
                 f"{len(f['duplicate_seqs_not_identical'])} not identical); gaps {len(f['seq_gaps'])}; "
                 f"readings under two seqs {f['readings_under_two_seqs']}; out of order {f['out_of_order_count']}; "
                 f"connects {report['gateway']['connects']}")
+    o = f.get("outputs")
+    if o:
+        rows.append(f"siren: {o['crossings']} crossings ({o['during_faults']} during faults), missed {len(o['missed'])}, "
+                    f"latency p50 {o['latency_s'].get('p50')} s max {o['latency_s'].get('max')} s, "
+                    f"right at the end: {o['final_right']}")
     if lat.get("all"):
         a = lat["all"]
         rows.append(f"latency all: p50 {a['p50']} s, p90 {a['p90']} s, p99 {a['p99']} s, max {a['max']} s")
@@ -296,11 +347,13 @@ async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_pa
     print(f"\nYUJING_HIL_SEED={s}")
     plan = fault_plan(s)
     modbus = free_port()
-    server = SimServer([SimSlave(1)], tcp=("127.0.0.1", modbus))
+    server = SimServer([SimSlave(1, clock=time.monotonic)], tcp=("127.0.0.1", modbus))
     await server.start()
     body = (f'[[buses]]\nname = "plc"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {modbus}\n\n'
             f'[[devices]]\nname = "d"\nbus = "plc"\nunit = 1\ninterval_s = {INTERVAL_S}\n'
-            + "".join(f'  [[devices.points]]\n  name = "p{i}"\n  address = {i}\n' for i in range(POINTS)))
+            + "".join(f'  [[devices.points]]\n  name = "p{i}"\n  address = {i}\n' for i in range(POINTS))
+            + SIREN)
+    flips: list[tuple[float, bool]] = []
     watch = Watch()
     polled: set[tuple[int, int]] = set()
     applied: list[Applied] = []
@@ -333,7 +386,14 @@ async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_pa
                     link = asyncio.create_task(watch.watch_link(gw))
                     try:
                         await col.wait_for(lambda c: len(c.records) >= 5 * POINTS, timeout=15)
-                        applied = await drive(proxy, plan, watch)
+                        gauge = asyncio.create_task(cross(server, cfg.devices[0].points[0], s, flips))
+                        try:
+                            applied = await drive(proxy, plan, watch)
+                        finally:
+                            gauge.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await gauge
+                        await asyncio.sleep(INTERVAL_S + 0.3)  # the last crossing's output
                         wanted = set(polled)  # everything polled until the link is clean again must arrive
                         await col.wait_for(lambda c: wanted <= watch.delivered, timeout=25)
                     finally:
@@ -343,9 +403,11 @@ async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_pa
                     connects = gw.uplink.connects if gw.uplink else 0
                 proxy_events = [{**e, "t": round(e["t"] + proxy.t0 - mono0, 3)} for e in proxy.report()]
     finally:
+        siren_on = await server.coil(1, SIREN_COIL)
         await server.stop()
         took = time.monotonic() - began
         figures = analyse(watch, wanted if wanted is not None else set(polled), applied, wall0_ms, mono0)
+        figures["outputs"] = outputs(flips, server.slaves[1].coil_writes, siren_on, applied)
         report = {
             "seed": s,
             "duration_s": round(took, 2),
@@ -371,6 +433,11 @@ async def test_network_faults_lose_nothing_and_recover(private_mosquitto, tmp_pa
     assert not figures["duplicate_seqs_not_identical"], "a repeated seq with different bytes"
     assert figures["readings_under_two_seqs"] == 0, f"readings under two seqs: {figures['readings_under_two_seqs_sample']}"
     assert figures["out_of_order_count"] == 0, f"out of order within a lane: {figures['out_of_order']}"
+    out = figures["outputs"]
+    assert out["crossings"] >= 4 and out["during_faults"] >= 2, out
+    assert not out["missed"], f"the siren never followed these crossings: {out['missed']}"
+    assert out["latency_s"]["max"] <= INTERVAL_S + 0.05, f"the siren followed a crossing late: {out}"
+    assert out["final_right"], f"the siren is {'on' if siren_on else 'off'} at the end: {out}"
 
 
 def fill_hil_report(rec: ScenarioRecord, report: dict[str, Any], applied: list[Applied], mono0: float) -> None:
@@ -385,7 +452,7 @@ def fill_hil_report(rec: ScenarioRecord, report: dict[str, Any], applied: list[A
                        recovery_s=max((f.recovery_s for f in applied if f.recovery_s is not None), default=None),
                        readings_polled=fig["readings_polled"], readings_delivered=fig["readings_delivered"],
                        recovery_by_fault={k: v["recovery_s"] for k, v in report["recovery"].items()},
-                       duplicates_by_fault=report["duplicates_by_fault"])
+                       duplicates_by_fault=report["duplicates_by_fault"], outputs=fig.get("outputs"))
     rec.log("scenario", ARTIFACTS / "network-faults.json")
 
 
