@@ -13,7 +13,9 @@ that reconnects after each restart (the broker keeps what arrived for it while i
    polling into the spool, and back off rather than hammer the broker.
 
 Checked as test_network_faults.py checks (docs/wire-format.md, "Gaps and duplicates", no power cut): every reading
-polled arrives, no seq gap, a repeated seq byte-identical, no reading under two seqs, per-point order within a lane.
+polled arrives, no seq gap, a repeated seq byte-identical, no reading under two seqs, per-point order within a lane;
+and the local output (a siren coil on a threshold of the polled device) follows every crossing within one poll
+interval + 50 ms while the broker is down or refusing, and is right at the end.
 Measured: per fault, the time from its end to the first new message at the consumer, CONNECT attempts during the
 refusal, and latency percentiles. Report: test-artifacts/hil/broker-faults.json and the `hil_report` record.
 """
@@ -38,7 +40,7 @@ from gateway.sim.devices import SimServer, SimSlave
 from tests.conftest import Broker, free_port
 from tests.e2e import register, running, site
 
-from .test_network_faults import ARTIFACTS, Applied, Watch, analyse, seed
+from .test_network_faults import ARTIFACTS, SIREN, SIREN_COIL, Applied, Watch, analyse, cross, outputs, seed
 
 pytestmark = pytest.mark.hil
 
@@ -93,11 +95,12 @@ async def test_broker_restart_and_refusal_lose_nothing(private_mosquitto: Broker
     print(f"\nYUJING_HIL_SEED={s} plan={plan}")
     caplog.set_level(logging.INFO, logger="gateway")
     modbus = free_port()
-    server = SimServer([SimSlave(1)], tcp=("127.0.0.1", modbus))
+    server = SimServer([SimSlave(1, clock=time.monotonic)], tcp=("127.0.0.1", modbus))
     await server.start()
     body = (f'[[buses]]\nname = "plc"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {modbus}\n\n'
             f'[[devices]]\nname = "d"\nbus = "plc"\nunit = 1\ninterval_s = {INTERVAL_S}\n'
-            + "".join(f'  [[devices.points]]\n  name = "p{i}"\n  address = {i}\n' for i in range(POINTS)))
+            + "".join(f'  [[devices.points]]\n  name = "p{i}"\n  address = {i}\n' for i in range(POINTS)) + SIREN)
+    flips: list[tuple[float, bool]] = []
     cfg = site(private_mosquitto.port, tmp_path, body, reconnect_s=0.2)
     watch = Watch()
     polled: set[tuple[int, int]] = set()
@@ -122,6 +125,7 @@ async def test_broker_restart_and_refusal_lose_nothing(private_mosquitto: Broker
             try:
                 while len(watch.delivered) < 5 * POINTS:
                     await asyncio.sleep(0.05)
+                gauge = asyncio.create_task(cross(server, cfg.devices[0].points[0], s, flips, (0.8, 1.6)))
 
                 began = time.monotonic()
                 private_mosquitto.stop()
@@ -147,6 +151,8 @@ async def test_broker_restart_and_refusal_lose_nothing(private_mosquitto: Broker
                 a.recovery_s = await wait_new(watch, a.ended)
                 applied.append(a)
 
+                gauge.cancel()
+                await asyncio.sleep(INTERVAL_S + 0.3)  # the last crossing's output
                 wanted = set(polled)
                 deadline = time.monotonic() + 25
                 while not wanted <= watch.delivered and time.monotonic() < deadline:
@@ -160,8 +166,10 @@ async def test_broker_restart_and_refusal_lose_nothing(private_mosquitto: Broker
         consumer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
+        siren_on = await server.coil(1, SIREN_COIL)
         await server.stop()
     figures = analyse(watch, wanted or set(polled), applied, wall0_ms, mono0)
+    figures["outputs"] = outputs(flips, server.slaves[1].coil_writes, siren_on, applied)
     said = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     report = {
         "seed": s, "plan": plan,
@@ -181,7 +189,7 @@ async def test_broker_restart_and_refusal_lose_nothing(private_mosquitto: Broker
                               latency_s=figures["latency_s"].get("all"), connects=connects)
     print(f"broker faults, seed {s}: " + ", ".join(f"{f.fault} back after {f.recovery_s} s" for f in applied)
           + f"; polled {figures['readings_polled']}, lost {figures['lost']}, repeated seqs {figures['duplicate_seqs']}, "
-          f"connects {connects}; said while refused: {said[-1] if said else '-'}")
+          f"connects {connects}; siren {figures['outputs']}; said while refused: {said[-1] if said else '-'}")
 
     assert [f.recovery_s is not None for f in applied] == [True, True], f"no new message after a fault: {report['applied']}"
     assert connected_while_refused == 0, "the broker refused the gateway, yet it counted a connection"
@@ -194,6 +202,11 @@ async def test_broker_restart_and_refusal_lose_nothing(private_mosquitto: Broker
     assert not figures["duplicate_seqs_not_identical"], "a repeated seq with different bytes"
     assert figures["readings_under_two_seqs"] == 0
     assert figures["out_of_order_count"] == 0, figures["out_of_order"]
+    out = figures["outputs"]
+    assert out["crossings"] >= 3 and out["during_faults"] >= 2, out
+    assert not out["missed"], f"the siren never followed these crossings: {out['missed']}"
+    assert out["latency_s"]["max"] <= INTERVAL_S + 0.05, f"the siren followed a crossing late: {out}"
+    assert out["final_right"], f"the siren is in the wrong state at the end: {out}"
 
 
 def test_the_broker_plan_is_a_function_of_the_seed() -> None:

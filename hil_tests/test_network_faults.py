@@ -83,12 +83,13 @@ address = {SIREN_COIL}
 """
 
 
-async def cross(server: SimServer, point: Any, seed_: int, flips: list[tuple[float, bool]]) -> None:
-    """The gauge crosses the threshold up and down every 1.5-3 s (seeded) until cancelled; each crossing noted."""
+async def cross(server: SimServer, point: Any, seed_: int, flips: list[tuple[float, bool]],
+                every_s: tuple[float, float] = (1.5, 3.0)) -> None:
+    """The gauge crosses the threshold up and down every `every_s` (seeded) until cancelled; each crossing noted."""
     rng = random.Random(f"siren-{seed_}")
     on = False
     while True:
-        await asyncio.sleep(rng.uniform(1.5, 3.0))
+        await asyncio.sleep(rng.uniform(*every_s))
         on = not on
         await server.set_point(1, point, 150 if on else 0)
         flips.append((time.monotonic(), on))
