@@ -312,3 +312,39 @@ def test_random_values_match_the_gateway_under_cpython() -> None:
         session, seq, hist = rng.randint(0, 2**32), rng.randint(0, 2**40), rng.random() < 0.5
         got = bytes(encode_data(w, session, seq, b, hist))
         assert got == wire.encode_data(session, seq, readings, historical=hist)
+
+
+def test_readings_stamped_before_the_clock_was_set_carry_key_6_as_the_gateway_writes_it() -> None:
+    """An ESP32 reads 2000 until NTP sets its clock: its stamps are before the floor, and the message says so
+    (key 6) byte for byte as gateway.wire does; a flush never puts both sides of the set into one message."""
+    import_firmware()
+    from yujing_node.cbor import Writer
+    from yujing_node.node import same_clock
+    from yujing_node.records import INT, Batch
+    from yujing_node.wire import CLOCK_FLOOR_MS, encode_data
+
+    from gateway.clockcheck import CLOCK_FLOOR_MS as GATEWAY_FLOOR
+
+    assert CLOCK_FLOOR_MS == GATEWAY_FLOOR
+    y2000 = 946_684_800_000 + 12_000  # twelve seconds after boot on an unset ESP32 clock
+    w = Writer(1024)
+    for hist in (False, True):
+        b = Batch(4)
+        b.add(0, y2000, INT, 0, 7)
+        b.add(1, y2000 + 1000, INT, 0, 8)
+        got = bytes(encode_data(w, 3, 9, b, hist))
+        readings = [Reading(0, y2000, 7, 0), Reading(1, y2000 + 1000, 8, 0)]
+        assert got == wire.encode_data(3, 9, readings, historical=hist, clock_unset=True)
+        assert wire.decode_data(got).clock_unset is True
+    b = Batch(4)
+    b.add(0, T, INT, 0, 7)
+    assert wire.decode_data(bytes(encode_data(w, 3, 10, b))).clock_unset is False
+    # a ring flush across the set: two readings before it, then two after; only the first two go together
+    b = Batch(4)
+    for i, ts in enumerate((y2000, y2000 + 1000, T, T + 1000)):
+        b.add(i, ts, INT, 0, i)
+    assert same_clock(b, 4) == 2 and b.n == 2
+    b = Batch(4)
+    for i, ts in enumerate((T, T + 1000)):
+        b.add(i, ts, INT, 0, i)
+    assert same_clock(b, 2) == 2 and b.n == 2

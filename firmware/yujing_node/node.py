@@ -33,6 +33,7 @@ from .rules import Alarms
 from .sched import backoff_ms, next_due
 from .state import State
 from .wire import (
+    CLOCK_FLOOR_MS,
     DEATH_LOST,
     DEATH_SLEEPING,
     encode_alarm,
@@ -336,7 +337,7 @@ class Node:
         for _ in range(_FLUSH_MESSAGES):
             self.feed()
             self.backlog.clear()
-            k = self.ring.peek(self.backlog, self.backlog.cap)
+            k = same_clock(self.backlog, self.ring.peek(self.backlog, self.backlog.cap))
             if not k or not self.publish(self.backlog, True):
                 break
             self.ring.consume(k)
@@ -647,6 +648,17 @@ class Node:
                 self.feed()
                 self.idle()
                 self.clock.sleep_ms(left if left < 1000 else 1000)
+
+
+def same_clock(b, k):
+    """The first of the k readings in Batch b that share a side of the clock floor (stamped before the clock was
+    set, or after): a data message never mixes them (wire key 6). Truncates b to them; returns how many."""
+    first = b.ts(0) < CLOCK_FLOOR_MS if k else False
+    for i in range(1, k):
+        if (b.ts(i) < CLOCK_FLOOR_MS) != first:
+            b.n = i
+            return i
+    return k
 
 
 def _write_json(path, d):

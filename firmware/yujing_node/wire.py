@@ -22,6 +22,10 @@ _K_SEQ = const(2)
 _K_T0 = const(3)
 _K_GROUPS = const(4)
 _K_HISTORICAL = const(5)
+_K_CLOCK_UNSET = const(6)
+# A stamp before 2025-01-01T00:00:00Z was taken on a clock that was not set (an ESP32 reads 2000 until NTP sets it):
+# docs/wire-format.md "Time". The same floor as the gateway's (gateway/clockcheck.py).
+CLOCK_FLOOR_MS = 1735689600000
 _K_SITE = const(7)
 _K_GATEWAY = const(8)
 _K_SOFTWARE = const(9)
@@ -157,7 +161,8 @@ def _value(w, b, i):
 def encode_data(w, session, seq, b, historical=False):
     """Write one data message for the readings in Batch `b` (n >= 1) into Writer `w`.
 
-    Readings are grouped by timestamp and sorted by point inside a group, as the gateway does.
+    Readings are grouped by timestamp and sorted by point inside a group, as the gateway does. Stamped before
+    CLOCK_FLOOR_MS, the message says so (key 6); the caller never mixes the two sides (node.same_clock).
     Returns the payload as a memoryview of the writer's buffer.
     """
     n = b.n
@@ -170,8 +175,9 @@ def encode_data(w, session, seq, b, historical=False):
     for j in range(1, n):
         if b.cmp_ts(order[j], order[j - 1]):
             ngroups += 1
+    unset = t0 < CLOCK_FLOOR_MS
     w.reset()
-    w.map(6 if historical else 5)
+    w.map(5 + (1 if historical else 0) + (1 if unset else 0))
     w.head(0, _K_VERSION)
     w.head(0, _VERSION)
     w.head(0, _K_SESSION)
@@ -210,6 +216,9 @@ def encode_data(w, session, seq, b, historical=False):
         start = end
     if historical:
         w.head(0, _K_HISTORICAL)
+        w.bool(True)
+    if unset:
+        w.head(0, _K_CLOCK_UNSET)
         w.bool(True)
     return w.view()
 
