@@ -348,3 +348,24 @@ def test_readings_stamped_before_the_clock_was_set_carry_key_6_as_the_gateway_wr
     for i, ts in enumerate((T, T + 1000)):
         b.add(i, ts, INT, 0, i)
     assert same_clock(b, 2) == 2 and b.n == 2
+
+
+def test_alarm_events_stamped_before_the_clock_was_set_carry_key_6_as_the_gateway_writes_it() -> None:
+    import_firmware()
+    from yujing_node.cbor import Writer
+    from yujing_node.records import INT, Batch
+    from yujing_node.wire import encode_alarm, value_map
+
+    from gateway.wire import Event
+
+    y2000 = 946_684_800_000 + 30_000
+    w = Writer(1024)
+    b = Batch(1)
+    b.add(0, y2000, INT, 0, 41)
+    ev = [(0, "crack.opening", 0, 1, y2000, value_map(w, b, 0), "crack/opening = 41", "")]
+    for hist in (False, True):
+        got = bytes(encode_alarm(w, 2, 5, ev, hist))
+        want = wire.encode_alarm(2, 5, [Event("raised", "crack.opening", 0, 1, y2000, {0: 41}, "crack/opening = 41")],
+                                 historical=hist, clock_unset=True)
+        assert got == want
+        assert wire.decode_alarm(got).clock_unset is True

@@ -279,3 +279,32 @@ def test_node_subscribes_to_its_command_topic(mosquitto, tmp_path) -> None:
         HostClock().sleep_ms(20)
     assert any("rejected (unauthorised): this node has no command key" in line for line in board.logs), board.logs
     node.client.disconnect()
+
+
+def test_alarm_events_from_before_and_after_the_clock_was_set_go_in_separate_messages(mosquitto, tmp_path) -> None:
+    """Wire key 6 is exact per event: events stamped on the unset clock (2000 on an ESP32) and after NTP set it
+    never share an alarm message; each message is what gateway.wire writes for its events."""
+    board, node_id, base = node_setup(tmp_path, mosquitto, mqtt={"alarm_events": True})
+    obs = Observer(mosquitto.host, mosquitto.port, base + "/alarm")
+    try:
+        node = fixtures.make_node(board)
+        node.run(max_cycles=1)
+        obs.drain(0.3)  # what the first cycle raised
+        y2000 = 946_684_800_000 + 5_000
+        node.pending_events[:] = [(0, "r.a", 0, 1, y2000, b"\xa0", "before", ""),
+                                  (3, "r.a", 1, 0, y2000 + 1000, b"\xa0", "before", ""),
+                                  (0, "r.a", 0, 1, T + 3000, b"\xa0", "after", "")]
+        node.net_until = node.clock.ticks_add(node.clock.ticks_ms(), 5000)
+        assert node.send_alarms(T + 4000)
+        msgs = [m for m in obs.drain(0.5) if m[0].endswith("/alarm")]
+    finally:
+        obs.close()
+    alarms = [wire.decode_alarm(m[1]) for m in msgs]
+    assert [(a.clock_unset, [e.message for e in a.events]) for a in alarms] == [(True, ["before", "before"]),
+                                                                               (False, ["after"])]
+    assert alarms[1].seq == alarms[0].seq + 1
+    for a, (_, payload, _, _) in zip(alarms, msgs):
+        assert payload == wire.encode_alarm(a.session, a.seq, a.events, historical=a.historical,
+                                            clock_unset=a.clock_unset)
+    assert not node.pending_events
+    node.client.disconnect()

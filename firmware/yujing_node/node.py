@@ -397,13 +397,20 @@ class Node:
             return False  # the events stay pending: the next cycle sends them first
         try:
             ev = self.pending_events
-            if ev:
+            while ev:
+                # events stamped before and after the clock was set never share a message (wire key 6)
+                side = ev[0][4] < CLOCK_FLOOR_MS
+                n = 1
+                while n < len(ev) and (ev[n][4] < CLOCK_FLOOR_MS) == side:
+                    n += 1
+                part = ev if n == len(ev) else ev[:n]
                 self.arm()
-                old = ev[0][4] < now - _HISTORICAL_MS
-                payload = encode_alarm(self.writer, self.state.session, self.alarm_seq, ev, old)
+                old = part[0][4] < now - _HISTORICAL_MS
+                payload = encode_alarm(self.writer, self.state.session, self.alarm_seq, part, old)
                 self.client.publish(self.t_alarm, payload, 1)
                 self.alarm_seq += 1
-                ev.clear()
+                for _ in range(n):
+                    ev.pop(0)
                 self._save_alarms()
                 state = True
             if state:

@@ -66,10 +66,12 @@ def value_map(w, b, i):
 
 def encode_alarm(w, session, seq, events, historical=False):
     """One alarm message (gateway/wire.py encode_alarm): events are
-    (kind, rule, old, new, ts_ms, values as CBOR bytes (value_map), message, by), in the order they happened."""
+    (kind, rule, old, new, ts_ms, values as CBOR bytes (value_map), message, by), in the order they happened.
+    Stamped before CLOCK_FLOOR_MS, the message says so (key 6); the caller never mixes the two sides."""
     t0 = min(e[4] for e in events)
+    unset = t0 < CLOCK_FLOOR_MS
     w.reset()
-    w.map(6 if historical else 5)
+    w.map(5 + (1 if historical else 0) + (1 if unset else 0))
     w.head(0, _K_VERSION)
     w.head(0, _VERSION)
     w.head(0, _K_SESSION)
@@ -79,7 +81,10 @@ def encode_alarm(w, session, seq, events, historical=False):
     w.head(0, _K_T0)
     w.int(t0)
     if historical:
-        w.head(0, _K_HISTORICAL)  # 5 sorts before 15
+        w.head(0, _K_HISTORICAL)  # 5 and 6 sort before 15
+        w.bool(True)
+    if unset:
+        w.head(0, _K_CLOCK_UNSET)
         w.bool(True)
     w.head(0, _K_EVENTS)
     w.array(len(events))
