@@ -81,6 +81,8 @@ class ModbusTransport:
         self._failed: dict[int, tuple[float, str]] = {}  # unit → when its last request failed, and which (serial)
         self._answered: dict[int, float] = {}  # unit → when it last answered (serial)
         self._heard: deque[tuple[float, bytes]] = deque(maxlen=64)  # what came in lately, and when (serial)
+        # An RTU line has no transaction ids: the late, doubled and foreign replies below are its troubles only
+        self._serial = isinstance(settings, SerialSettings)
         if isinstance(settings, TcpSettings):
             self._client = AsyncModbusTcpClient(
                 settings.host,
@@ -108,7 +110,8 @@ class ModbusTransport:
         # Bytes that arrive but never make a valid response mean CRC/framing trouble, not silence.
         if not sending:
             self._rx_bytes += len(data)
-            self._heard.append((time.monotonic(), data))
+            if self._serial:
+                self._heard.append((time.monotonic(), data))
         return data
 
     def _another_master(self, unit: int, since: float, reply: ModbusPDU) -> bool:
@@ -145,13 +148,12 @@ class ModbusTransport:
 
     async def read(self, table: Table, address: int, count: int, unit: int) -> list[int] | list[bool]:
         c = self._client
-        call = {
-            Table.COIL: c.read_coils,
-            Table.DISCRETE: c.read_discrete_inputs,
-            Table.HOLDING: c.read_holding_registers,
-            Table.INPUT: c.read_input_registers,
+        call, fc = {
+            Table.COIL: (c.read_coils, 1),
+            Table.DISCRETE: (c.read_discrete_inputs, 2),
+            Table.HOLDING: (c.read_holding_registers, 3),
+            Table.INPUT: (c.read_input_registers, 4),
         }[table]
-        fc = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}[table]
         what = f"read {table.value} {address}+{count}"
         response = await self._execute(lambda: call(address, count=count, device_id=unit), what, unit, fc)
         values = response.bits if table.is_bits else response.registers
@@ -190,7 +192,7 @@ class ModbusTransport:
             response = await self._call_cancellable(call, what)
         except ModbusIOException as exc:
             quality = Quality.FRAMING if self._rx_bytes else Quality.TIMEOUT
-            if isinstance(self.settings, SerialSettings) and (self._rx_bytes or time.monotonic() - self._answered.get(unit, -1e9) < 60):
+            if self._serial and (self._rx_bytes or time.monotonic() - self._answered.get(unit, -1e9) < 60):
                 # Only a unit that talks can answer late: an absent one (a relay module not fitted) must not
                 # slow the bus down with waits for replies that will never come.
                 self._failed[unit] = (time.monotonic(), what)
@@ -201,7 +203,7 @@ class ModbusTransport:
             raise DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: {exc}") from exc
         except OSError as exc:
             raise TransportError(f"{self.name}: {what}: {exc}") from exc
-        if isinstance(self.settings, SerialSettings):
+        if self._serial:
             # pymodbus matches an RTU reply by unit id only. A reply to another function (another master's read of
             # the input registers, say) or too long for the request is not its answer; nor, perhaps, one taken while
             # another master's request to the same slave was on the line (within a timeout before ours, or since).
@@ -209,7 +211,7 @@ class ModbusTransport:
                 raise self._untrusted(unit, what, f"a reply to function {response.function_code & 0x7F}")
             if self._another_master(unit, sent_at - self.settings.timeout_s, response):
                 raise self._untrusted(unit, what, "another master's request to this unit was heard")
-        guard = getattr(self.settings, "reply_guard_s", 0.0)
+        guard = self.settings.reply_guard_s if isinstance(self.settings, SerialSettings) else 0.0
         if guard > 0:
             # A reply that comes twice would be taken as the answer to the next request to this unit (an RTU
             # reply names no request). A line that does that is not trusted for this transaction either.
@@ -227,7 +229,7 @@ class ModbusTransport:
     def _untrusted(self, unit: int, what: str, problem: str) -> DeviceError:
         """A reply that is not (surely) the answer to this request; its own answer may still come, so a different
         request to that unit waits until it has passed by, as after a timeout."""
-        if isinstance(self.settings, SerialSettings):
+        if self._serial:
             self._failed[unit] = (time.monotonic(), what)
         return DeviceError(Quality.FRAMING, f"{self.name} unit {unit}: {what}: {problem}; reading not trusted")
 

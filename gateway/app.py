@@ -153,11 +153,12 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        if not isinstance(self.clock, ClockWatch):
-            self.clock = ClockWatch(self.clock)  # stamps as before, and notices the wall clock's steps
-        health = self.health = Health(self.clock)
-        if self.clock.unset:
-            health.fault("clock", clock_unset_message(self.clock.time_ms()))
+        # stamps as before, and notices the wall clock's steps
+        watch = self.clock if isinstance(self.clock, ClockWatch) else ClockWatch(self.clock)
+        self.clock = watch
+        health = self.health = Health(watch)
+        if watch.unset:
+            health.fault("clock", clock_unset_message(watch.time_ms()))
         supervisor = self.supervisor = Supervisor(self.liveness_clock, health)
         uplink_box: list[Uplink] = []
         storage = self.storage = Storage(
@@ -264,6 +265,8 @@ class Gateway:
 
     def _start_alarms(self, events: uplinks.EventFanout, storage: Storage, uplink: Uplink, health: Health) -> None:
         cfg = self.config
+        watch = self.clock
+        assert isinstance(watch, ClockWatch)  # run() made it one
         state_file = FileStateStore(cfg.state_dir / "alarms.json")
         store = DeferredStateStore(state_file, storage)
         try:
@@ -274,7 +277,7 @@ class Gateway:
             health.note("storage.alarm_state", f"{exc}; " + (f"moved to {aside.name}; " if aside else "")
                         + "latched alarms and rain/rate windows from before this start are lost: check the site")
             engine = AlarmEngine(cfg.rules, cfg.resolve_point, store=store)
-        if isinstance(self.clock, ClockWatch) and self.clock.unset and place_restored(engine, self.clock.time_ms()):
+        if watch.unset and place_restored(engine, watch.time_ms()):
             health.note("clock.restored", "the clock is not set: alarm state restored from before this start (rate "
                         "and rain windows, alarm times) is taken as if the gateway had been off for no time")
         desk: AlarmDesk | None = None
@@ -288,11 +291,11 @@ class Gateway:
 
             self.outputs = ActionController(cfg.actions, {s.bus.name: s for s in self.schedulers}, self.clock,
                                             on_event=actuator_event)
-        steps = StepCursor(self.clock) if isinstance(self.clock, ClockWatch) else None
+        steps = StepCursor(watch)
         desk = self.desk = AlarmDesk(engine, self.clock, session=self.session, events=events, health=health,
                                      outputs=self.outputs, publish_state=uplink.alarm_state,
                                      device_points=self._device_points,
-                                     clock_steps=steps.new if steps is not None else None,
+                                     clock_steps=steps.new,
                                      on_clock_step=lambda step: report_step(health, step))
         self.inbox = self._command_inbox(desk, storage, health)
         uplink.commands = self.inbox.handle
