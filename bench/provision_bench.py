@@ -53,8 +53,8 @@ def heap_use(port: str) -> str:
             f"{live / 1024:.1f} KiB live after a collect")
 
 
-def provision(work: Path, count: int) -> tuple[float, float, int, int]:
-    """(seconds for the first run, for a rerun with --fresh, bytes copied by that rerun, bytes by a journal rerun)."""
+def provision(work: Path, count: int) -> None:
+    """Install `count` boards, then rerun with nothing changed (journal, then --fresh); print the times and bytes."""
     site = Site(work / "site")
     site.init(SITE, PREFIX)
     broker = start_site_broker(work, site)
@@ -99,7 +99,6 @@ def provision(work: Path, count: int) -> tuple[float, float, int, int]:
         if count == 1:
             time.sleep(3)  # a few more cycles online
             print(f"  node heap with TLS: {heap_use(boards[0].port)}")
-        return first, fresh_s, fresh_bytes, journal_bytes
     finally:
         for b in boards:
             b.stop()

@@ -44,11 +44,14 @@ _running: set[subprocess.Popen[str]] = set()  # mpremote processes under way (st
 _running_lock = threading.Lock()
 
 
+def installed_script(name: str) -> str | None:
+    """A command installed beside this Python (a virtualenv's bin/) first, then on PATH; None when neither."""
+    here = Path(sysconfig.get_path("scripts")) / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
 def mpremote_command() -> list[str]:
-    here = Path(sysconfig.get_path("scripts")) / "mpremote"
-    if here.exists():
-        return [str(here)]
-    found = shutil.which("mpremote")
+    found = installed_script("mpremote")
     if found:
         return [found]
     raise BoardError("mpremote is not installed: pip install 'mpremote>=1.29,<1.30'")

@@ -298,21 +298,17 @@ def _gateway(args: argparse.Namespace) -> int:
 def _flash(args: argparse.Namespace) -> int:
     from . import ProvisionError, board
 
-    extra: dict[str, bytes] = {}
-    if args.config is not None:
-        extra["/config.json"] = args.config.read_bytes()
+    config = args.config.read_bytes() if args.config is not None else None
+    extra = {"/config.json": config} if config is not None else {}
     if args.node is not None:
-        from .node_files import TLS_FILES, der_files, node_secrets, tls_config
+        from .node_files import node_files
 
         store = _site(args).store
         if not (store.folder(args.node) / "secrets.json").exists():
             raise ProvisionError(f"{store.folder(args.node) / 'secrets.json'} is missing: run `yujing provision "
                                  f"add-node {args.node} …` first")
-        paths = dict(TLS_FILES)
-        if args.config is not None:  # a TLS node: mqtt.tls set, the DER files where the config says
-            extra["/config.json"], paths = tls_config(extra["/config.json"], f"--config {args.config}", None)
-        extra["/secrets.json"] = node_secrets(store, args.node)
-        extra.update(der_files(store, args.node, paths))
+        # a TLS node: with a config, mqtt.tls set and the DER files where the config says
+        extra = node_files(store, args.node, config, f"--config {args.config}", broker=None)
     port = _port(args)
     print("\n".join(board.preflight(port).lines()))
     report = board.sync_firmware(port, board.compile_firmware(args.firmware))

@@ -83,10 +83,6 @@ def parse_by_id(name: str) -> tuple[str | None, str] | None:
     return None, ident.replace("_", " ")
 
 
-def _realpath(path: str) -> str:
-    return os.path.realpath(path)
-
-
 def list_boards(by_id_dir: Path = BY_ID, ports: Iterable[Any] | None = None) -> list[Board]:
     """Every USB serial port: by-id links merged with list_ports' entries (ListPortInfo-like objects with
     device, vid, pid, serial_number, description). Sorted by serial number, then device."""
@@ -98,7 +94,7 @@ def list_boards(by_id_dir: Path = BY_ID, ports: Iterable[Any] | None = None) -> 
     for p in ports:
         if getattr(p, "vid", None) is None:
             continue  # not USB (a built-in UART, ttyS0): no serial number to choose by
-        real = _realpath(p.device)
+        real = os.path.realpath(p.device)
         desc = p.description if p.description and p.description != "n/a" else (getattr(p, "product", None) or "")
         found[real] = Board(p.device, None, p.serial_number or None, p.vid, p.pid, desc)
     try:
@@ -109,7 +105,7 @@ def list_boards(by_id_dir: Path = BY_ID, ports: Iterable[Any] | None = None) -> 
         parsed = parse_by_id(link.name)
         if parsed is None or not link.is_symlink():
             continue
-        real = _realpath(str(link))
+        real = os.path.realpath(str(link))
         known = found.get(real)
         if known is not None:
             found[real] = Board(known.device, str(link), known.serial_number or parsed[0], known.vid, known.pid,
@@ -159,9 +155,9 @@ def choose(boards: Sequence[Board], *, serial: str | None = None, port: str | No
     """The one board the technician means; never a guess between several."""
     if port is not None:
         check_port(port)
-        real = _realpath(port)
+        real = os.path.realpath(port)
         for b in boards:
-            if _realpath(b.device) == real:
+            if os.path.realpath(b.device) == real:
                 return b if port == b.device else dataclasses.replace(b, by_id=port)  # connect by the name given
         return Board(real, None if port == real else port)  # no USB identity (a built-in UART): used as named
     if serial is not None:

@@ -122,9 +122,13 @@ def node_secrets(store: IdentityStore, node_id: str, wifi_password_file: Path | 
     return secret((json.dumps(doc, indent=1) + "\n").encode(), "secrets.json")
 
 
-def node_files(store: IdentityStore, node_id: str, config: bytes, where: str, *, broker: Broker | None,
+def node_files(store: IdentityStore, node_id: str, config: bytes | None, where: str, *, broker: Broker | None,
                wifi_password_file: Path | None = None) -> dict[str, bytes]:
-    """Every file the files step writes (one copy: all are put in force together, or none)."""
-    cfg, paths = tls_config(config, where, broker)
-    return {"/config.json": cfg, "/secrets.json": node_secrets(store, node_id, wifi_password_file),
+    """Every file the files step writes (one copy: all are put in force together, or none). Without a config
+    (`flash --node` alone), no /config.json and the TLS files at the firmware's default paths."""
+    files: dict[str, bytes] = {}
+    paths = dict(TLS_FILES)
+    if config is not None:
+        files["/config.json"], paths = tls_config(config, where, broker)
+    return {**files, "/secrets.json": node_secrets(store, node_id, wifi_password_file),
             **der_files(store, node_id, paths)}

@@ -301,7 +301,7 @@ class Runner:
         self.journal.run(started=utc_now(), nodes=[n.node_id for n in self.plan.nodes], resumed=resumed,
                          technician=self.technician)
         self.firmware_files = board.compile_firmware(self.plan.firmware)
-        self.firmware_key = _sha(json.dumps({p: _sha(d) for p, d in sorted(self.firmware_files.items())}).encode())
+        self.firmware_key = _files_key(self.firmware_files)
         boards = discover.list_boards(self.by_id_dir, self.list_ports)
         threads = []
         for n in self.plan.nodes:
@@ -369,9 +369,7 @@ class Runner:
             self._done(n, step, serial, f"MicroPython {pf.version}, {(pf.flash_free or 0) // 1024} KiB free")
 
             step = "identity"
-            if self._skip(n, step, serial, out):
-                pass
-            else:
+            if not self._skip(n, step, serial, out):
                 self._start(n, step)
                 with self._identity_lock:
                     msg = self.site.add_node(n.node_id, serial=serial, location=n.location, technician=self.technician,
@@ -383,20 +381,10 @@ class Runner:
 
             step = "files"
             files = self._files(n)
-            key = _files_key(files)
-            if not self._skip(n, step, key, out):
-                self._start(n, step)
-                r = board.sync_firmware(b.port, files)  # one copy: all put in force together, or none
-                out.bytes_copied += r.bytes_copied
-                self._done(n, step, key, f"{len(r.copied)} of {len(files)} files copied ({r.bytes_copied} bytes)")
+            self._copy(n, step, b.port, files, _files_key(files), out)
 
             step = "firmware"
-            if not self._skip(n, step, self.firmware_key, out):
-                self._start(n, step)
-                r = board.sync_firmware(b.port, self.firmware_files)
-                out.bytes_copied += r.bytes_copied
-                self._done(n, step, self.firmware_key, f"{len(r.copied)} of {len(self.firmware_files)} files copied "
-                                                       f"({r.bytes_copied} bytes)")
+            self._copy(n, step, b.port, self.firmware_files, self.firmware_key, out)
 
             step = "online"
             self._start(n, step, "rebooting" + (", waiting for its birth" if self.plan.verify else ""))
@@ -438,6 +426,15 @@ class Runner:
                           broker=Broker(v.host, v.port, v.tls) if v is not None else None,
                           wifi_password_file=self.plan.wifi_password_file)
 
+    def _copy(self, n: NodePlan, step: str, port: str, files: dict[str, bytes], key: str, out: NodeOutcome) -> None:
+        """The files or firmware step: one copy (all put in force together, or none) of what changed."""
+        if self._skip(n, step, key, out):
+            return
+        self._start(n, step)
+        r = board.sync_firmware(port, files)
+        out.bytes_copied += r.bytes_copied
+        self._done(n, step, key, f"{len(r.copied)} of {len(files)} files copied ({r.bytes_copied} bytes)")
+
     def _skip(self, n: NodePlan, step: str, key: str, out: NodeOutcome) -> bool:
         if self.fresh or not self.journal.done_for(n.node_id, step, key):
             return False
@@ -463,7 +460,8 @@ class Runner:
 
 
 def _files_key(files: dict[str, bytes]) -> str:
-    """The files step's inputs: every file's hash (a new config, a re-key or a new CA changes it)."""
+    """A copy step's inputs: every file's hash (for the files step, a new config, a re-key or a new CA changes it;
+    for the firmware step, a changed .mpy)."""
     return _sha(json.dumps({p: _sha(d) for p, d in sorted(files.items())}).encode())
 
 

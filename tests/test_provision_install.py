@@ -31,11 +31,11 @@ from provisioning import discover
 from provisioning.inventory import Inventory
 from provisioning.simboard import SimBoard, micropython_executable
 from provisioning.workflow import Site
+from tests.test_provision_board import FLASH
 from tests.test_provision_verify import PREFIX, SITE, SiteBroker, publish_as_node, start_site_broker
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
-FLASH = 4 * 1024 * 1024 - 1536 * 1024
 PAD = 60_000  # random bytes, as hex: a 120 kB config takes seconds over the pty, long enough to be cut
 # machine.reset() as on a board: the board restarts (here: the interpreter ends and the simulated board starts a
 # new one); the note on flash tells the stand-in node that it booted
