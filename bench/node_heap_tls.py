@@ -15,6 +15,7 @@ firmware's .mpy size, the time to connect with TLS, and what Ed25519 would cost 
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.node_commands import new_node_key
 from provisioning.simboard import micropython_executable
+from tests.conftest import start_mosquitto
 from tests.firmware_helpers import compile_firmware
 from tests.unix_node import (
     PREFIX,
@@ -73,20 +75,17 @@ print("ED", time.ticks_diff(time.ticks_ms(), t), gc.mem_alloc() - base)
 """
 
 
-def heap_ok(kb: int, work: Path, pki, broker, mpy: Path,  # type: ignore[no-untyped-def]
+def heap_ok(kb: int, work: Path, pki, port: int, mpy: Path,  # type: ignore[no-untyped-def]
             tls: bool) -> tuple[bool, float | None]:
-    """Whether a node with a `kb` KB heap connects and gets a data message acknowledged; the connect time."""
-    import shutil
-
+    """Whether a node with a `kb` KB heap connects (to the TLS or the plain broker on `port`) and gets a data
+    message acknowledged; the connect time."""
     name = f"h{kb}{'t' if tls else 'p'}"
     d = work / name
     shutil.rmtree(d, ignore_errors=True)
-    cfg = node_config("n1", broker[1] if tls else broker[2], mqtt={"commands": True, "alarm_events": True, "tls": tls})
-    if not tls:
-        cfg["mqtt"]["port"] = broker[2]
+    cfg = node_config("n1", port, mqtt={"commands": True, "alarm_events": True, "tls": tls})
     node = UnixNode(d, mpy, cfg, {"command_key": new_node_key().hex()}, pki.node_files("n1") if tls else {},
                     heapsize=f"{kb}K")
-    sub = platform_client(pki, broker[1], f"{PREFIX}/{SITE}/n1/data") if tls else plain_client(broker[2])
+    sub = platform_client(pki if tls else None, port, f"{PREFIX}/{SITE}/n1/data")
     t0 = time.monotonic()
     node.start()
     try:
@@ -95,35 +94,12 @@ def heap_ok(kb: int, work: Path, pki, broker, mpy: Path,  # type: ignore[no-unty
             return False, None
         took = time.monotonic() - t0
         take(sub, 2, timeout=4)  # two cycles' data acknowledged after the connect: it keeps working
-        node.stop()
-        while not node.lines.empty():
-            node.log.append(node.lines.get())
-        return not any("memory" in x for x in node.log), took
+        return not any("memory" in x for x in node.stop_and_drain()), took
     except AssertionError:
         return False, None
     finally:
         node.stop()
         sub.loop_stop()
-
-
-def plain_client(port: int):  # type: ignore[no-untyped-def]
-    """A subscriber on the plain broker, shaped as tests.unix_node.platform_client (messages in `.q`)."""
-    import queue
-    import uuid
-
-    import paho.mqtt.client as paho
-
-    q: queue.Queue = queue.Queue()
-    subscribed: queue.Queue = queue.Queue()
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:6]}")
-    c.on_message = lambda cl, u, m: q.put((m.topic, bytes(m.payload), bool(m.retain)))
-    c.on_subscribe = lambda *a: subscribed.put(True)
-    c.connect("127.0.0.1", port)
-    c.subscribe(f"{PREFIX}/{SITE}/n1/data", qos=1)
-    c.loop_start()
-    subscribed.get(timeout=5)
-    c.q = q
-    return c
 
 
 def bisect(lo: int, hi: int, ok) -> int:  # type: ignore[no-untyped-def]
@@ -137,8 +113,6 @@ def bisect(lo: int, hi: int, ok) -> int:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    import shutil
-
     with tempfile.TemporaryDirectory(prefix="yujing-heap-") as tmp:
         work = Path(tmp)
         mpy = work / "mpy"
@@ -147,29 +121,22 @@ def main() -> None:
         print(f"firmware .mpy (mpy-cross, {len(sizes)} files): {total} bytes ({total / 1024:.1f} KB)")
         pki = make_pki(work, ("n1",))
         broker = start_tls_broker(pki, work, ("n1",))
-        from tests.conftest import free_port, wait_port
-
-        port = free_port()
-        conf = work / "plain.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-        plain = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port("127.0.0.1", port)
-        ports = (None, broker.port, port)
+        plain = start_mosquitto(work)
+        port = plain.port
         try:
             times: list[float] = []
 
             def tls_ok(kb: int) -> bool:
-                ok, took = heap_ok(kb, work, pki, ports, mpy, True)
+                ok, took = heap_ok(kb, work, pki, broker.port, mpy, True)
                 if ok and took is not None:
                     times.append(took)
                 return ok
 
             tls_min = bisect(64, 400, tls_ok)
             print(f"smallest -X heapsize that connects with TLS and publishes: {tls_min} KB (64-bit unix port)")
-            plain_min = bisect(64, 400, lambda kb: heap_ok(kb, work, pki, ports, mpy, False)[0])
+            plain_min = bisect(64, 400, lambda kb: heap_ok(kb, work, pki, port, mpy, False)[0])
             print(f"the same without TLS: {plain_min} KB; TLS needs {tls_min - plain_min} KB more heap here")
-            big = [heap_ok(400, work, pki, ports, mpy, True)[1] for _ in range(3)]
+            big = [heap_ok(400, work, pki, broker.port, mpy, True)[1] for _ in range(3)]
             big = [t for t in big if t is not None]
             if big:
                 print(f"start to 'connected' with TLS (process start, boot, TLS handshake with client certificate, "
@@ -193,7 +160,7 @@ def main() -> None:
                       f"{', TLS handshake' if tls else ''}, CONNECT, birth, alarm state) {ms[0] if ms else '?'} ms")
         finally:
             broker.stop()
-            plain.terminate()
+            plain.stop()
         for heap in ("100K", "200K"):
             proc = subprocess.run([micropython_executable(), "-X", f"heapsize={heap}", "-c", _ED25519],
                                   capture_output=True, text=True, timeout=120, check=False)

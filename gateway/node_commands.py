@@ -17,6 +17,8 @@ import time
 import cbor2
 
 from .commands import (
+    H_ALG,
+    H_KID,
     K_BY,
     K_COMMAND,
     K_COUNTER,
@@ -26,11 +28,11 @@ from .commands import (
     K_SITE,
     K_TS,
     K_VERSION,
+    kid_of,
 )
 
 COSE_MAC0_TAG = 17
 ALG_HMAC_256_256 = 5
-H_ALG, H_KID = 1, 4
 COMMAND_VERSION = 2
 K_LEVEL, K_VALUE, K_CLEAR = 30, 31, 32  # threshold: level 1..4, set and clear as decimal text ("45.5")
 NODE_COMMANDS = ("ack", "threshold", "report")
@@ -43,8 +45,8 @@ def new_node_key() -> bytes:
 
 
 def node_kid(key: bytes) -> bytes:
-    """The key's id as the node computes it: the first 8 bytes of SHA-256 of the key."""
-    return hashlib.sha256(key).digest()[:8]
+    """The key's id as the node computes it: the first 8 bytes of SHA-256 of the key (as a gateway key's kid)."""
+    return kid_of(key)
 
 
 def _mac_structure(protected: bytes, payload: bytes) -> bytes:

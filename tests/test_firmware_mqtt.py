@@ -308,3 +308,28 @@ def test_alarm_events_from_before_and_after_the_clock_was_set_go_in_separate_mes
                                             clock_unset=a.clock_unset)
     assert not node.pending_events
     node.client.disconnect()
+
+
+def test_a_threshold_set_without_a_clear_comes_back_after_a_reboot_with_the_clear_it_ran_with(tmp_path) -> None:
+    """A threshold command without a clear keeps the rung's hysteresis gap; what is kept on flash for a reboot
+    (written before the command runs) is the clear worked out then, not "none" (the reboot then worked it out
+    again from the configured gap: 35/34 instead of 35/25)."""
+    from gateway.node_commands import mac_node_command
+
+    board = fixtures.board(root=str(tmp_path))
+    rule = {"id": "crack.opening", "point": "crack/opening", "limits": {"min": "10", "max": "70"},
+            "levels": [{"level": "IV_BLUE", "set": "40", "clear": "39"}, {"level": "III_YELLOW", "set": "60", "clear": "59"}]}
+    key = bytes(range(32))
+    cfg = fixtures.config(rules=[rule], mqtt={"commands": True})
+    fixtures.provision(board, cfg, {"command_key": key.hex()})
+    node = fixtures.make_node(board)
+    blue = 1  # IV_BLUE
+    for n, (value, clear) in enumerate((("30", "20"), ("35", None)), 1):
+        node.inbox.append(mac_node_command(key, None, cfg["site"], cfg["node_id"], "threshold", by="li",
+                                           request_id=f"r{n}", rule="crack.opening", level=blue, value=value,
+                                           clear=clear, counter=n, ts=node.clock.epoch_ms()))
+        node.handle_command()
+    again = fixtures.make_node(board)  # a reboot: the stored thresholds are applied as it starts
+    for n_ in (node, again):
+        (_, set_, clear_) = next(x for x in n_.cfg.rules[0].levels if x[0] == blue)
+        assert (set_[0] * 10 ** set_[1], clear_[0] * 10 ** clear_[1]) == (35, 25)

@@ -24,6 +24,7 @@ from tests.unix_node import (
     platform_client,
     start_tls_broker,
     take,
+    watching,
 )
 
 NODES = ("n1", "n2")
@@ -50,17 +51,9 @@ def test_node_over_tls_publishes_birth_and_readings_the_consumer_decodes(tmp_pat
     pki, broker, _ = site
     sub = platform_client(pki, broker.port, f"{PREFIX}/{SITE}/n1/#")
     node = _node(tmp_path, site, "n1").start()
-    try:
+    with watching(node, sub):
         node.wait_for("connected to 127.0.0.1")
         msgs = take(sub, 3, kinds=("birth", "data"))
-    except AssertionError as exc:
-        node.stop()
-        while not node.lines.empty():
-            node.log.append(node.lines.get())
-        raise AssertionError(f"{exc}\nnode console:\n" + "\n".join(node.log[-30:])) from None
-    finally:
-        node.stop()
-        sub.loop_stop()
     dec = Decoder()
     records = []
     for topic, payload, _ in msgs:
@@ -80,20 +73,12 @@ def test_a_certificate_from_another_ca_is_refused(tmp_path: Path, site: tuple) -
     pki, broker, _ = site
     sub = platform_client(pki, broker.port, f"{PREFIX}/{SITE}/#")
     node = _node(tmp_path, site, "n1", foreign=True).start()
-    try:
+    with watching(node, sub):
         line = node.wait_for("connect to 127.0.0.1")
         assert "failed" in line, line
         node.wait_for("connect to 127.0.0.1", 10)  # and the retry (backoff) is refused too
         live = [m[0] for m in list(sub.q.queue) if not m[2]]  # retained ones are earlier tests' messages
         assert live == [], "nothing of a node the broker refused reaches the platform"
-    except AssertionError as exc:
-        node.stop()
-        while not node.lines.empty():
-            node.log.append(node.lines.get())
-        raise AssertionError(f"{exc}\nnode console:\n" + "\n".join(node.log[-30:])) from None
-    finally:
-        node.stop()
-        sub.loop_stop()
 
 
 def test_a_node_cannot_publish_on_another_nodes_topics(tmp_path: Path, site: tuple) -> None:
@@ -102,19 +87,11 @@ def test_a_node_cannot_publish_on_another_nodes_topics(tmp_path: Path, site: tup
     pki, broker, _ = site
     sub = platform_client(pki, broker.port, f"{PREFIX}/{SITE}/n2/#")
     node = _node(tmp_path, site, "n1", node_id="n2").start()
-    try:
+    with watching(node, sub):
         node.wait_for("connected to 127.0.0.1")  # birth published (and PUBACKed: mosquitto drops it silently)
         with pytest.raises(AssertionError):
             take(sub, 1, timeout=2.5)  # two more cycles' data, also dropped
         assert not any("lost" in line or "failed" in line for line in node.log), node.log
-    except AssertionError as exc:
-        node.stop()
-        while not node.lines.empty():
-            node.log.append(node.lines.get())
-        raise AssertionError(f"{exc}\nnode console:\n" + "\n".join(node.log[-30:])) from None
-    finally:
-        node.stop()
-        sub.loop_stop()
 
 
 def test_signed_commands_ack_threshold_report_and_replay_after_reboot(tmp_path: Path, site: tuple) -> None:
@@ -141,7 +118,7 @@ def test_signed_commands_ack_threshold_report_and_replay_after_reboot(tmp_path: 
     def kinds(msgs: list) -> list[str]:
         return [t.rsplit("/", 1)[1] for t, _, _ in msgs]
 
-    try:
+    with watching(node, sub):
         node.wait_for("connected to 127.0.0.1")
         got = take(sub, 4, kinds=("birth", "alarm", "alarms", "data"))
         assert kinds(got) == ["birth", "alarm", "alarms", "data"]  # alarm events go before the cycle's data
@@ -203,14 +180,6 @@ def test_signed_commands_ack_threshold_report_and_replay_after_reboot(tmp_path: 
         sub.publish(f"{PREFIX}/{SITE}/n1/cmd", bytes(forged), qos=1).wait_for_publish(5)
         r1, r2 = reply(), reply()
         assert r1.ok and not r2.ok and "rejected (unauthorised): bad MAC" in r2.message and r2.request_id is None
-    except AssertionError as exc:
-        node.stop()
-        while not node.lines.empty():
-            node.log.append(node.lines.get())
-        raise AssertionError(f"{exc}\nnode console:\n" + "\n".join(node.log[-30:])) from None
-    finally:
-        node.stop()
-        sub.loop_stop()
 
 
 def test_the_provisioning_simboard_runs_the_firmware_through_the_hook(tmp_path: Path, site: tuple) -> None:

@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from provisioning.broker_files import TopicLayout, acl_file
 from provisioning.identity import PLATFORM, IdentityStore, issue
 from provisioning.simboard import micropython_executable
-from tests.conftest import free_port, wait_port
+from tests.conftest import Broker, _spawn, free_port, wait_port
 from tests.firmware_helpers import FIRMWARE, compile_firmware
 
 UNIX_HOST = FIRMWARE / "host" / "unix"
@@ -80,18 +82,7 @@ def make_pki(root: Path, nodes: tuple[str, ...]) -> Pki:
     return Pki(root, store, server_key, server_crt, foreign)
 
 
-@dataclass
-class TlsBroker:
-    port: int
-    process: subprocess.Popen
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(5)
-
-
-def start_tls_broker(pki: Pki, workdir: Path, nodes: tuple[str, ...]) -> TlsBroker:
+def start_tls_broker(pki: Pki, workdir: Path, nodes: tuple[str, ...]) -> Broker:
     port = free_port()
     acl = workdir / "acl"
     acl.write_text(acl_file(TopicLayout(PREFIX, SITE), nodes, PLATFORM))
@@ -101,14 +92,14 @@ def start_tls_broker(pki: Pki, workdir: Path, nodes: tuple[str, ...]) -> TlsBrok
         f"user {getpass.getuser()}\nper_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
         f"cafile {pki.store.ca_cert_path}\ncertfile {pki.server_crt}\nkeyfile {pki.server_key}\n"
         f"require_certificate true\nuse_identity_as_username true\nacl_file {acl}\npersistence false\n")
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker = Broker("127.0.0.1", port, _spawn(conf), conf)
     wait_port("127.0.0.1", port)
-    return TlsBroker(port, proc)
+    return broker
 
 
-def platform_client(pki: Pki, port: int, topic: str):  # type: ignore[no-untyped-def]
-    """A paho client with the platform's certificate, subscribed to `topic`; messages go to `.q`."""
+def platform_client(pki: Pki | None, port: int, topic: str):  # type: ignore[no-untyped-def]
+    """A paho client with the platform's certificate (pki None: plain MQTT), subscribed to `topic`; messages go
+    to `.q`."""
     import ssl
     import uuid
 
@@ -117,9 +108,10 @@ def platform_client(pki: Pki, port: int, topic: str):  # type: ignore[no-untyped
     q: queue.Queue = queue.Queue()
     subscribed: queue.Queue = queue.Queue()
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"platform-{uuid.uuid4().hex[:6]}")
-    d = pki.store.folder(PLATFORM)
-    c.tls_set(ca_certs=str(pki.store.ca_cert_path), certfile=str(d / "client.crt"), keyfile=str(d / "client.key"),
-              cert_reqs=ssl.CERT_REQUIRED)
+    if pki is not None:
+        d = pki.store.folder(PLATFORM)
+        c.tls_set(ca_certs=str(pki.store.ca_cert_path), certfile=str(d / "client.crt"),
+                  keyfile=str(d / "client.key"), cert_reqs=ssl.CERT_REQUIRED)
     c.on_message = lambda cl, u, m: q.put((m.topic, bytes(m.payload), bool(m.retain)))
     c.on_subscribe = lambda *a: subscribed.put(True)
     c.connect("127.0.0.1", port)
@@ -226,6 +218,26 @@ class UnixNode:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def stop_and_drain(self) -> list[str]:
+        """Stop the process and move the console lines not yet waited for into `log`; returns `log`."""
+        self.stop()
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return self.log
+
+
+@contextmanager
+def watching(node: UnixNode, sub=None) -> Iterator[UnixNode]:  # type: ignore[no-untyped-def]
+    """Stop the node (and the subscriber `sub`) at the end; a failed assertion inside quotes the node's console."""
+    try:
+        yield node
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nnode console:\n" + "\n".join(node.stop_and_drain()[-30:])) from None
+    finally:
+        node.stop()
+        if sub is not None:
+            sub.loop_stop()
 
 
 def take(client, n: int, timeout: float = 10.0,  # type: ignore[no-untyped-def]

@@ -22,6 +22,7 @@
 # The link: a seeded schedule of up and down runs of cycles (the broker drops the connection when it goes down).
 import binascii
 import json
+import struct
 import sys
 import time
 
@@ -75,7 +76,8 @@ def trap(module, what, k, cut):
 
     def opened(path, mode="r"):
         f = _real_open(path, mode)
-        if "w" in mode and (what == "slot" or path.endswith(".tmp")):
+        # state.py also writes the node's /alarms.json and /commands.json: only state.json.tmp counts
+        if "w" in mode and (what == "slot" or path.endswith("state.json.tmp")):
             count[0] += 1
             if count[0] == k:
                 return Torn(f, path[len(FLASH) :], cut)
@@ -163,7 +165,7 @@ def main():
         slot = ring.head % ring.nblocks
         stamps = []
         for i in range(ring.count):
-            t = ts_at(ring.stage, 12 + i * 20)
+            t = struct.unpack_from("<Q", ring.stage, 12 + i * 20)[0]
             if not stamps or stamps[-1] != t:
                 stamps.append(t)
         print("w", slot, ring.head, " ".join(str(t) for t in stamps))
@@ -182,13 +184,6 @@ def main():
     booted()
     node.run(RUN.get("cycles"))
     print("END", node.state.session, node.state.seq, ring.pending(), ring.dropped)
-
-
-def ts_at(buf, off):
-    t = 0
-    for i in range(7, -1, -1):
-        t = (t << 8) | buf[off + i]
-    return t
 
 
 main()

@@ -89,9 +89,7 @@ class Writer:
     def text(self, s):
         b = s.encode()
         self.head(3, len(b))
-        self._room(len(b))
-        self.buf[self.n : self.n + len(b)] = b
-        self.n += len(b)
+        self.raw(b)
 
     def bytes(self, b):
         self.head(2, len(b))

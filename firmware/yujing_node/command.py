@@ -60,14 +60,13 @@ class Rejected(Exception):
         self.reason = reason
 
 
-def kid_of(key):
-    """The key's id: the first 8 bytes of SHA-256 of the 32-byte key (a random key: the hash reveals nothing)."""
-    return hashlib.sha256(key).digest()[:8]
-
-
 def digest(raw):
-    """How a reply names a command: the first 8 bytes of SHA-256 of its raw bytes (as the gateway)."""
+    """The first 8 bytes of SHA-256: how a reply names a command (of its raw bytes, as the gateway), and as
+    kid_of the key's id (of the 32-byte key: a random key, so the hash reveals nothing)."""
     return hashlib.sha256(raw).digest()[:8]
+
+
+kid_of = digest
 
 
 def _bstr_head(n):

@@ -23,6 +23,7 @@ CONFIG_FILE = "/config.json"
 SECRETS_FILE = "/secrets.json"
 LEVELS = ("blue", "yellow", "orange", "red")  # IV .. I; level numbers 1 .. 4
 LEVEL_NAMES = ("IV_BLUE", "III_YELLOW", "II_ORANGE", "I_RED")  # the gateway's names
+TLS_FILES = {"ca": "/ca.der", "cert": "/cert.der", "key": "/key.der"}  # mqtt.<k>_file defaults (load_tls)
 _MAX_POINTS = const(255)
 _REQ = object()  # sentinel: the key is required
 
@@ -244,8 +245,7 @@ class Config:
         self.port = m.integer("port", 8883 if self.tls else 1883, 1, 65535)
         self.tls_files = None
         if self.tls:
-            self.tls_files = {k: m.text(k + "_file", d) for k, d in (("ca", "/ca.der"), ("cert", "/cert.der"),
-                                                                     ("key", "/key.der"))}
+            self.tls_files = {k: m.text(k + "_file", d) for k, d in TLS_FILES.items()}
         else:
             for k in ("ca_file", "cert_file", "key_file"):
                 if m.d.get(k) is not None:
@@ -379,7 +379,7 @@ def load_tls(cfg, path=lambda p: p, config_path=CONFIG_FILE):
             with open(path(name), "rb") as fh:
                 data = fh.read()
         except OSError:
-            if k != "ca" and name == ("/cert.der" if k == "cert" else "/key.der"):
+            if k != "ca" and name == TLS_FILES[k]:
                 out[k] = None  # the default names and no file: no client certificate
                 continue
             raise ConfigError(config_path, field, "%s: cannot read the file (missing?): provision it" % name) from None

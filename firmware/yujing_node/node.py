@@ -22,16 +22,16 @@ and answered on reply.
 import binascii
 import gc
 import json
-import os
 
 from . import VERSION
 from .cbor import Writer
+from .config import LEVEL_NAMES
 from .mqtt import Client, MQTTError
 from .records import Batch
 from .ring import Ring
-from .rules import Alarms
+from .rules import ACKNOWLEDGED, FAULT, Alarms
 from .sched import backoff_ms, next_due
-from .state import State
+from .state import State, write_json
 from .wire import (
     CLOCK_FLOOR_MS,
     DEATH_LOST,
@@ -60,7 +60,7 @@ ALARMS_FILE = "/alarms.json"
 COMMANDS_FILE = "/commands.json"
 MAX_PENDING_EVENTS = const(8)
 _HISTORICAL_MS = const(60000)
-_LEVEL_NAMES = ("NONE", "IV_BLUE", "III_YELLOW", "II_ORANGE", "I_RED")
+_LEVEL_NAMES = ("NONE",) + LEVEL_NAMES
 _KIND_WORDS = ("raised", "escalated", "de_escalated", "cleared", "acknowledged", "fault", "fault_cleared")
 _INBOX = const(4)  # commands held between two polls
 _REJECT_BURST = const(10)  # rejection replies per minute at most (a flood is not answered)
@@ -107,7 +107,6 @@ class Node:
         self.alarms_path = board.path(ALARMS_FILE)
         self.report_now = False
         self.inbox = []  # the raw bytes of commands waiting to be handled
-        self.busy = 0  # commands refused because the inbox was full
         self.cmd_counter = 0
         self.thresholds = {}
         self._rejects = 0
@@ -205,10 +204,11 @@ class Node:
         top = self.alarms.evaluate(b)
         self.take_events(now, b)
         self.feed()
+        due = next_due(now, self.cfg.period_ms)
         if self.cfg.sleep:
-            self.back_at = next_due(now, self.cfg.period_ms)
+            self.back_at = due
         clock = self.clock
-        self.net_until = clock.ticks_add(clock.ticks_ms(), next_due(now, self.cfg.period_ms) - now - _NET_MARGIN_MS)
+        self.net_until = clock.ticks_add(clock.ticks_ms(), due - now - _NET_MARGIN_MS)
         if not self.connected and now >= self.next_try and self.net_left() >= _NET_MIN_MS:
             self.connect(now)
         if self.connected and self.pending_events and self.cfg.alarm_events:
@@ -290,12 +290,10 @@ class Node:
             if cfg.commands:
                 self.arm()
                 self.client.subscribe(self.t_cmd, 1)
-            self.connected = True
             if cfg.alarm_events and cfg.rules and not self.send_alarms(now, True):
                 raise OSError("alarm state not acknowledged")
         except (OSError, MQTTError) as e:
             self.client.close()
-            self.connected = False
             st.fails += 1
             delay = backoff_ms(st.fails, self.salt)
             self.next_try = st.retry_at = now + delay
@@ -319,9 +317,10 @@ class Node:
     def publish(self, batch, historical):
         """One data message at QoS 1; False when no PUBACK came (then disconnected) or when too little time is
         left before the next sample to wait for one (still connected: the readings wait in the ring)."""
-        if self.net_left() < _NET_MIN_MS:
+        try:
+            self.arm()
+        except OSError:
             return False
-        self.arm()
         seq = self.state.next_seq(self.state_path)
         payload = encode_data(self.writer, self.state.session, seq, batch, historical)
         try:
@@ -362,10 +361,11 @@ class Node:
         rules = self.cfg.rules
         for kind, k, old, new, i, by in ev:
             rid = rules[k].id
-            if kind == 4:
+            if kind == ACKNOWLEDGED:
                 msg = "%s acknowledged at %s by %s" % (rid, _LEVEL_NAMES[new], by)
-            elif kind >= 5:
-                msg = "%s %s (level kept at %s)" % (rid, "fault" if kind == 5 else "fault cleared", _LEVEL_NAMES[new])
+            elif kind >= FAULT:
+                what = "fault" if kind == FAULT else "fault cleared"
+                msg = "%s %s (level kept at %s)" % (rid, what, _LEVEL_NAMES[new])
             else:
                 msg = "%s %s %s → %s" % (rid, _KIND_WORDS[kind], _LEVEL_NAMES[old], _LEVEL_NAMES[new])
                 self.since[k] = now
@@ -435,7 +435,7 @@ class Node:
     def _save_alarms(self):
         """The alarm seq and the unsent events, on flash (a rare write: alarms change seldom)."""
         ev = [list(e[:5]) + [binascii.hexlify(e[5]).decode(), e[6], e[7]] for e in self.pending_events]
-        _write_json(self.alarms_path, {"session": self.state.session, "seq": self.alarm_seq, "events": ev})
+        write_json(self.alarms_path, {"session": self.state.session, "seq": self.alarm_seq, "events": ev})
 
     # ------------------------------------------------------------ commands
 
@@ -443,9 +443,8 @@ class Node:
         """From inside the MQTT client's poll: keep the bytes; handle_command runs once poll() returned."""
         if len(self.inbox) < _INBOX:
             self.inbox.append(bytes(payload))
-        else:  # a burst beyond what we hold: answered as refused, never dropped unsaid
+        else:  # a burst beyond what we hold: refused, never dropped unsaid (logged)
             self.log("yujing: command refused: %d already waiting" % _INBOX)
-            self.busy += 1
 
     def _load_commands(self):
         """The last accepted counter (per key) and the thresholds commands have set, which stay set over
@@ -465,20 +464,26 @@ class Node:
                     self.log("yujing: stored threshold for %s not applied: %s" % (rid, e))
 
     def _save_commands(self, counter, thresholds):
-        _write_json(self.commands_path, {"kid": binascii.hexlify(self.cmd_kid).decode(), "counter": counter,
-                                         "thresholds": thresholds})
+        write_json(self.commands_path, {"kid": binascii.hexlify(self.cmd_kid).decode(), "counter": counter,
+                                        "thresholds": thresholds})
+
+    def rule_index(self, rid):
+        """The index of the rule with id `rid` (the last, as the rules are searched), or None."""
+        k = None
+        for j, r in enumerate(self.cfg.rules):
+            if r.id == rid:
+                k = j
+        return k
 
     def set_threshold(self, rid, level, set_s, clear_s, dry=False):
         """Move rule `rid`'s rung `level` to set/clear (decimal text; clear None keeps the rung's gap) within
         the rule's limits, keeping the ladder ordered. ValueError says why not. Returns (old set, new set, clear)."""
         from . import dec
 
-        rule = None
-        for r in self.cfg.rules:
-            if r.id == rid:
-                rule = r
-        if rule is None:
+        k = self.rule_index(rid)
+        if k is None:
             raise ValueError("no rule %s" % rid)
+        rule = self.cfg.rules[k]
         if rule.limits is None:
             raise ValueError("rule %s has no limits configured: its thresholds are not remotely settable" % rid)
         idx = None
@@ -508,12 +513,11 @@ class Node:
                 c = dec.cmp(sm, se, ps[0], ps[1])
                 if (j < idx and (c <= 0 if rule.high else c >= 0)) or (j > idx and (c >= 0 if rule.high else c <= 0)):
                     raise ValueError("set %s would break the order of the rule's levels" % dec.to_str(sm, se))
+        new_set, new_clear = dec.to_str(sm, se), dec.to_str(cm, ce)
         if not dry:
             rule.levels[idx] = (level, (sm, se, sm * 10.0**se), (cm, ce, cm * 10.0**ce))
-            entries = [x for x in self.thresholds.get(rid, []) if x[0] != level]
-            entries.append([level, dec.to_str(sm, se), dec.to_str(cm, ce)])
-            self.thresholds[rid] = entries
-        return dec.to_str(old_set[0], old_set[1]), dec.to_str(sm, se), dec.to_str(cm, ce)
+            self.thresholds[rid] = _with_rung(self.thresholds.get(rid, []), level, new_set, new_clear)
+        return dec.to_str(old_set[0], old_set[1]), new_set, new_clear
 
     def handle_command(self):
         """Verify, check freshness and replay, persist the counter, carry out, answer on reply."""
@@ -535,21 +539,17 @@ class Node:
                     )
             if c.counter <= self.cmd_counter:
                 raise cm.Rejected("replay", "replayed (counter %d is not above %d)" % (c.counter, self.cmd_counter))
-            k = None
-            for j, r in enumerate(self.cfg.rules):
-                if r.id == c.rule:
-                    k = j
+            k = self.rule_index(c.rule)
             if c.command != "report" and k is None:
                 raise cm.Rejected("content", "no rule %s on this node" % c.rule)
             thresholds = self.thresholds
             if c.command == "threshold":
                 try:
-                    self.set_threshold(c.rule, c.level, c.value, c.clear, True)
+                    _, new_set, new_clear = self.set_threshold(c.rule, c.level, c.value, c.clear, True)
                 except ValueError as e:
                     raise cm.Rejected("content", str(e)) from None
-                thresholds = dict(thresholds)
-                kept = [x for x in thresholds.get(c.rule, []) if x[0] != c.level]
-                thresholds[c.rule] = kept + [[c.level, c.value, c.clear]]
+                thresholds = dict(thresholds)  # as it will be once the command ran (clear worked out)
+                thresholds[c.rule] = _with_rung(thresholds.get(c.rule, []), c.level, new_set, new_clear)
             try:
                 self._save_commands(c.counter, thresholds)  # before it runs: a replay fails after a reboot too
             except OSError as e:
@@ -668,13 +668,6 @@ def same_clock(b, k):
     return k
 
 
-def _write_json(path, d):
-    """Replace a small JSON file atomically (LittleFS rename), as state.py does."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(d))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # FAT: cannot rename over a file
-        os.remove(path)
-        os.rename(tmp, path)
+def _with_rung(entries, level, set_s, clear_s):
+    """A rule's persisted thresholds ([level, set, clear] lists) with `level`'s replaced."""
+    return [x for x in entries if x[0] != level] + [[level, set_s, clear_s]]

@@ -130,24 +130,16 @@ class State:
             return False
 
     def save_file(self, path):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "session": self.session,
-                        "seq_reserved": self.seq_reserved,
-                        "tail": self.tail,
-                        "tidx": self.tidx,
-                        "dropped": self.dropped,
-                    }
-                )
-            )
-        try:
-            os.rename(tmp, path)  # atomic over the old file on LittleFS
-        except OSError:  # FAT cannot rename over a file: load_file() falls back to the .tmp copy
-            os.remove(path)
-            os.rename(tmp, path)
+        write_json(
+            path,
+            {
+                "session": self.session,
+                "seq_reserved": self.seq_reserved,
+                "tail": self.tail,
+                "tidx": self.tidx,
+                "dropped": self.dropped,
+            },
+        )
 
     def next_seq(self, path):
         """Take a sequence number, extending the flash reservation first when it runs out."""
@@ -157,3 +149,16 @@ class State:
         s = self.seq
         self.seq += 1
         return s
+
+
+def write_json(path, d):
+    """Replace a small JSON file through a temporary file renamed over it (the node's /alarms.json and
+    /commands.json too)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(d))
+    try:
+        os.rename(tmp, path)  # atomic over the old file on LittleFS
+    except OSError:  # FAT cannot rename over a file: load_file() falls back to the .tmp copy
+        os.remove(path)
+        os.rename(tmp, path)

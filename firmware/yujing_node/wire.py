@@ -80,12 +80,7 @@ def encode_alarm(w, session, seq, events, historical=False):
     w.int(seq)
     w.head(0, _K_T0)
     w.int(t0)
-    if historical:
-        w.head(0, _K_HISTORICAL)  # 5 and 6 sort before 15
-        w.bool(True)
-    if unset:
-        w.head(0, _K_CLOCK_UNSET)
-        w.bool(True)
+    _flags(w, historical, unset)  # 5 and 6 sort before 15
     w.head(0, _K_EVENTS)
     w.array(len(events))
     for kind, rule, old, new, ts, values, message, by in events:
@@ -145,6 +140,16 @@ def encode_reply(w, request_id, ok, message, digest):
     w.head(0, _K_DIGEST)
     w.bytes(digest)
     return w.view()
+
+
+def _flags(w, historical, unset):
+    """Keys 5 (historical) and 6 (stamped before the clock was set), each only when true."""
+    if historical:
+        w.head(0, _K_HISTORICAL)
+        w.bool(True)
+    if unset:
+        w.head(0, _K_CLOCK_UNSET)
+        w.bool(True)
 
 
 def _value(w, b, i):
@@ -219,12 +224,7 @@ def encode_data(w, session, seq, b, historical=False):
                 w.int(j - start)
                 w.int(q)
         start = end
-    if historical:
-        w.head(0, _K_HISTORICAL)
-        w.bool(True)
-    if unset:
-        w.head(0, _K_CLOCK_UNSET)
-        w.bool(True)
+    _flags(w, historical, unset)
     return w.view()
 
 

@@ -149,8 +149,6 @@ class RTC:
         _sim.write("rtc.bin", bytes(data))
 
     def datetime(self, dt=None):
-        import time
-
         if dt is None:
             t = time.gmtime()
             return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], 0)
@@ -171,8 +169,6 @@ def deepsleep(ms=0):
 
 
 def lightsleep(ms=0):
-    import time
-
     time.sleep_ms(ms)
 
 
