@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .report import ARTIFACTS as OUT
+
 ROOT = Path(__file__).parent.parent
-OUT = ROOT / "test-artifacts" / "hil"
 SOAK_TEST = "hil_tests/test_soak.py::test_soak_loses_nothing_stays_bounded_and_recovers"
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from tests.conftest import mosquitto, private_mosquitto  # noqa: F401 (fixtures)
 
-from .report import RECORD_KEY  # noqa: F401 (it was defined here first; scenarios may import it from here)
 from .rig import Rig, rig
 from .targets import Target
 

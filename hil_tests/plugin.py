@@ -40,6 +40,8 @@ from typing import Any
 import pytest
 from _pytest.runner import runtestprotocol
 
+from gateway.storefiles import write_atomic
+
 from .report import ARTIFACTS, RECORD_KEY, InfraError, ScenarioRecord
 from .targets import (
     CAPABILITIES,
@@ -60,6 +62,7 @@ FORMAT = "yujing-hil-report/1"
 
 ATTEMPT_KEY = pytest.StashKey[list[pytest.TestReport]]()
 RERAN_KEY = pytest.StashKey[bool]()
+_UNKNOWN_KEY = pytest.StashKey[list[str]]()  # a `needs` mark naming capabilities no target has
 
 
 # ------------------------------------------------------------------------------------------ hashes
@@ -363,9 +366,7 @@ class HilSession:
         if not any(n in self.results for n in self.scenarios):
             return  # no HIL scenario ran (e.g. only tests/): leave the last report alone
         self.report_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.report_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.build(), indent=2, default=_jsonable))
-        tmp.replace(self.report_path)
+        write_atomic(self.report_path, json.dumps(self.build(), indent=2, default=_jsonable).encode(), 0o644)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         ran = [self.results[n] for n in self.scenarios if n in self.results]
@@ -386,9 +387,6 @@ class HilSession:
             for r in infra:
                 tr.write_line(f"INFRA {r.nodeid} ({r.phase}): {r.reason[:300]}")
         tr.write_line(f"HIL report ({self.target.label}): {self.report_path}")
-
-
-_UNKNOWN_KEY = pytest.StashKey[list[str]]()
 
 
 def _jsonable(o: Any) -> Any:

@@ -45,15 +45,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SEED = 20261202
 ROOT = Path(__file__).resolve().parent.parent
 NODE_SCRIPT = ROOT / "firmware" / "host" / "power_node.py"
 
 TRAPPED = ("write", "fsync", "fdatasync", "replace", "rename", "truncate", "ftruncate")
-
-
-def seed() -> int:
-    return int(os.environ.get("YUJING_HIL_SEED", DEFAULT_SEED))
 
 
 # ---------------------------------------------------------------- plans

@@ -1,5 +1,5 @@
 """What a scenario tells the HIL report: its seed, the faults it applied (with times), its figures and
-where its per-device logs are. A scenario takes the `hil_report` fixture (hil_tests/conftest.py) and fills
+where its per-device logs are. A scenario takes the `hil_report` fixture (hil_tests/plugin.py) and fills
 it in; the session plugin (hil_tests/plugin.py) collects one ScenarioRecord per test into the JSON report.
 
 This module is the contract between the scenarios and the report plugin; keep it small and stable.
@@ -10,8 +10,11 @@ Figures are free-form (JSON-able), but the summary table of `python -m hil_tests
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,12 @@ from typing import Any
 import pytest
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "hil"
-MAIN_FIGURES = ("lost", "duplicates", "latency_p50_s", "latency_p99_s", "recovery_s")
+DEFAULT_SEED = 20261202
+
+
+def seed() -> int:
+    """The scenario's seed: YUJING_HIL_SEED (`python -m hil_tests --seed`), else the default."""
+    return int(os.environ.get("YUJING_HIL_SEED", DEFAULT_SEED))
 
 
 class InfraError(RuntimeError):
@@ -58,19 +66,15 @@ class ScenarioRecord:
         self.log(device, path)
         return path
 
-    def infrastructure(self) -> _Infra:
+    @contextlib.contextmanager
+    def infrastructure(self) -> Iterator[None]:
         """`with hil_report.infrastructure(): …build the rig…`: an exception in it is an InfraError."""
-        return _Infra()
-
-
-class _Infra:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        if exc is not None and isinstance(exc, Exception) and not isinstance(exc, (InfraError, AssertionError)):
-            raise InfraError(f"{kind.__name__ if kind else 'error'}: {exc}") from exc
-        return False
+        try:
+            yield
+        except (InfraError, AssertionError):
+            raise
+        except Exception as exc:
+            raise InfraError(f"{type(exc).__name__}: {exc}") from exc
 
 
 RECORD_KEY = pytest.StashKey[ScenarioRecord]()  # where the hil_report fixture leaves the record on the test item

@@ -6,11 +6,10 @@ The rig: two simulated RTU slaves (unit 1 `radar`, the victim of the line faults
 mosquitto, and the platform's consumer, a persistent session on that mosquitto directly. Two fault streams run at
 once, each drawn from its own sub-stream of the seed: the network (latency with jitter, a bandwidth cap, abrupt
 resets while PUBACKs are held back, half-open links, blackholes) and the line (flipped bits, split replies, late and
-doubled replies, noise, the victim disconnected; a wrong UART setting and a second master when linefault.py has
-them). Each stream first goes through all of its classes in a seeded order (so a short soak meets every class
-once), then draws classes at random, with clean gaps between; both stop `tail_s` before the end, and the tail is
-clean. The gateway runs on the system clock (it is a separate process; no fast clock there): the intervals are
-short instead (0.5 s polls).
+doubled replies, noise, the victim disconnected, a wrong UART setting, a second master). Each stream first goes
+through all of its classes in a seeded order (so a short soak meets every class once), then draws classes at random,
+with clean gaps between; both stop `tail_s` before the end, and the tail is clean. The gateway runs on the system
+clock (it is a separate process; no fast clock there): the intervals are short instead (0.5 s polls).
 
 Sampled every `sample_s`: the gateway's resident memory (VmRSS, /proc/PID/status), its open file descriptors
 (/proc/PID/fd), its readings counter (yujing_readings_total, scraped from /metrics) and uplink state.
@@ -80,12 +79,7 @@ NET_RECOVERY_S = 10.0  # the last network fault's end → a new message at the c
 RS485_RECOVERY_S = 2 * (math.ceil(BACKOFF_MAX_S / INTERVAL_S) + 2) * INTERVAL_S
 
 NET_CLASSES = ("latency", "bandwidth", "reset", "half_open", "blackhole")
-LINE_CLASSES = ("flip", "split", "late", "twice", "noise", "disconnect")
-_LF_FIELDS = {f.name for f in dataclasses.fields(linefault.LineFaults)}
-if "uart" in _LF_FIELDS and hasattr(linefault, "Uart"):
-    LINE_CLASSES += ("uart",)
-if "rogue_rate" in _LF_FIELDS:
-    LINE_CLASSES += ("rogue",)
+LINE_CLASSES = ("flip", "split", "late", "twice", "noise", "disconnect", "uart", "rogue")
 
 
 def parse_duration(text: str) -> float:
@@ -614,7 +608,6 @@ def analyse(r: SoakResult, exit_code: int | None) -> None:
     # Memory and handles, per tenth.
     tenth = r.duration_s / 10
     rows = []
-    delivered_ts = sorted(ts for (_, ts) in c.delivered)
     for k in range(10):
         t0, t1 = k * tenth, (k + 1) * tenth
         w0, w1 = r.wall0_ms + t0 * 1000, r.wall0_ms + t1 * 1000
@@ -629,7 +622,7 @@ def analyse(r: SoakResult, exit_code: int | None) -> None:
             "rss_max_mib": round(max((s.rss for s in ss), default=0) / 2**20, 2),
             "fds_max": max((s.fds for s in ss), default=0),
             "polled": int((counted[-1] if counted else 0) - (before[-1] if before else 0)),
-            "delivered": bisect.bisect_left(delivered_ts, w1) - bisect.bisect_left(delivered_ts, w0),
+            "delivered": bisect.bisect_left(ts_sorted, w1) - bisect.bisect_left(ts_sorted, w0),
             "lost": max(0, max(d_end, default=0)) - max(0, max(d_start, default=0)),
             "duplicates": sum(1 for a in arrivals if not a.new and r.mono0 + t0 <= a.mono < r.mono0 + t1),
             "latency_s": percentiles(ll),

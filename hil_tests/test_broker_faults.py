@@ -40,7 +40,8 @@ from gateway.sim.devices import SimServer, SimSlave
 from tests.conftest import Broker, free_port
 from tests.e2e import register, running, site
 
-from .test_network_faults import ARTIFACTS, SIREN, SIREN_COIL, Applied, Watch, analyse, cross, outputs, seed
+from .report import ARTIFACTS, seed
+from .test_network_faults import SIREN, SIREN_COIL, Applied, Watch, analyse, cross, outputs
 
 pytestmark = pytest.mark.hil
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import random
 import re
 import time
@@ -58,11 +57,11 @@ from tests.conftest import free_port
 from tests.e2e import collecting, register, running, site
 
 from .netfault import FaultProxy
-from .report import ARTIFACTS, ScenarioRecord
+from .report import ARTIFACTS, ScenarioRecord, seed
+from .test_network_faults import percentiles
 
 pytestmark = pytest.mark.hil
 
-DEFAULT_SEED = 20261202
 INTERVAL_S = 0.2
 ON_DELAY_S = 1.0
 LATENCY_BOUND_S = INTERVAL_S + 0.05  # the bound: one poll interval + 50 ms
@@ -72,10 +71,6 @@ DELAYED_BOUND_S = ON_DELAY_S + 2 * INTERVAL_S + 0.05
 RECOVERY_BOUND_S = 2.0  # a step to a reading polled after it at the consumer (stated in docs/wire-format.md's terms)
 STEP_TOLERANCE_MS = 20
 HIGH, LOW = 80, 20  # the rules: set ≥ 50, clear ≤ 45
-
-
-def seed() -> int:
-    return int(os.environ.get("YUJING_HIL_SEED", DEFAULT_SEED))
 
 
 @dataclass(frozen=True)
@@ -119,17 +114,6 @@ class Run:
     steps: list[dict[str, Any]] = field(default_factory=list)  # {"kind", "mono", "applied_ms"}
     outage: tuple[float, float] | None = None  # (mono began, mono ended) of the uplink outage
     arrivals: list[tuple[float, str, bytes]] = field(default_factory=list)  # (mono, topic kind, payload)
-
-
-def percentiles(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    v = sorted(values)
-
-    def p(q: float) -> float:
-        return round(v[min(len(v) - 1, int(q * len(v)))], 4)
-
-    return {"n": len(v), "p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": round(v[-1], 4)}
 
 
 async def drive(plan: Plan, clock: SteppableClock, server: SimServer, point: PointSpec, run: Run,
@@ -320,11 +304,11 @@ def analyse(run: Run, plan: Plan) -> dict[str, Any]:
         "flagged_clock_unset": flagged, "flag_disagrees_with_stamp": wrong_flag,
         "unflagged_polled_before_set": unflagged_before_set, "flagged_polled_after_set": flagged_after_set,
         "points": points,
-        "retime_error_ms": percentiles(retime_errors),
+        "retime_error_ms": percentiles(retime_errors, 4),
         "steps": step_reports,
         "crossings": len(run.crossings),
-        "latency_s": percentiles(latencies), "late_crossings": late, "unexpected_transitions": unexpected,
-        "delayed_raised_in_bounds": delayed_ok, "delayed_latency_s": percentiles(delayed_lat),
+        "latency_s": percentiles(latencies, 4), "late_crossings": late, "unexpected_transitions": unexpected,
+        "delayed_raised_in_bounds": delayed_ok, "delayed_latency_s": percentiles(delayed_lat, 4),
         "delayed_wrong": delayed_bad, "rule_faults": rule_faults,
         "recovery_s": recovery,
         "stamps_repeated_after_step_back": ts_repeats,

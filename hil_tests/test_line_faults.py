@@ -31,7 +31,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -50,12 +49,10 @@ from gateway.sim.devices import SimServer, SimSlave
 from tests.e2e import running, site, until
 
 from .linefault import FaultyLine, Uart
-from .report import ScenarioRecord
+from .report import ARTIFACTS, ScenarioRecord, seed
 
 pytestmark = pytest.mark.hil
 
-DEFAULT_SEED = 20261202
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "hil"
 BAUD = 19200
 TIMEOUT_S = 0.1
 INTERVAL_S = 0.8
@@ -124,10 +121,6 @@ levels = [ {{ level = "blue", set = {SET_POINT} }} ]
 [status]
 listen = "127.0.0.1:0"
 """
-
-
-def seed() -> int:
-    return int(os.environ.get("YUJING_HIL_SEED", DEFAULT_SEED))
 
 
 @dataclass(frozen=True)

@@ -21,23 +21,13 @@ from .linefault import (
     transmit,
     wire,
 )
+from .linefault import _crc as crc  # the Modbus RTU CRC-16 the line checks frames with
 
 pytestmark = pytest.mark.hil
 
 REQUEST = bytes.fromhex("010300010001d5ca")  # unit 1, read holding 1, count 1
-REPLY = bytes.fromhex("01030204d2") + b""  # unit 1, 2 bytes, 0x04d2 (CRC appended below)
-
-
-def crc(frame: bytes) -> bytes:
-    c = 0xFFFF
-    for b in frame:
-        c ^= b
-        for _ in range(8):
-            c = (c >> 1) ^ 0xA001 if c & 1 else c >> 1
-    return bytes([c & 0xFF, c >> 8])
-
-
-REPLY = REPLY + crc(REPLY)
+REPLY = bytes.fromhex("01030204d2")  # unit 1, 2 bytes, 0x04d2
+REPLY += crc(REPLY)
 
 
 class Rig:

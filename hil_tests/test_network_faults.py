@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import time
 from collections import defaultdict
@@ -41,19 +40,13 @@ from tests.conftest import free_port
 from tests.e2e import collecting, register, running, site
 
 from .netfault import FaultProxy
-from .report import ScenarioRecord
+from .report import ARTIFACTS, ScenarioRecord, seed
 
 pytestmark = pytest.mark.hil
 
-DEFAULT_SEED = 20261202
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "hil"
 KEEPALIVE_S = 5  # the least the configuration allows
 POINTS = 4
 INTERVAL_S = 0.2
-
-
-def seed() -> int:
-    return int(os.environ.get("YUJING_HIL_SEED", DEFAULT_SEED))
 
 
 @dataclass(frozen=True)
@@ -218,15 +211,15 @@ async def drive(proxy: FaultProxy, plan: list[Step], watch: Watch) -> list[Appli
     return applied
 
 
-def percentiles(values: list[float]) -> dict[str, float] | None:
+def percentiles(values: list[float], digits: int = 3) -> dict[str, float] | None:
     if not values:
         return None
     v = sorted(values)
 
     def p(q: float) -> float:
-        return round(v[min(len(v) - 1, int(q * len(v)))], 3)
+        return round(v[min(len(v) - 1, int(q * len(v)))], digits)
 
-    return {"n": len(v), "p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": round(v[-1], 3)}
+    return {"n": len(v), "p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": round(v[-1], digits)}
 
 
 def analyse(watch: Watch, polled: set[tuple[int, int]], applied: list[Applied], wall0_ms: int, mono0: float) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from gateway import wire
 from tests.unix_node import PREFIX, SITE, UnixNode, compiled_firmware, make_pki, node_config, platform_client, start_tls_broker
 
 from .netfault import FaultProxy
-from .test_network_faults import ARTIFACTS, percentiles, seed
+from .report import ARTIFACTS, seed
+from .test_network_faults import percentiles
 
 pytestmark = pytest.mark.hil
 
@@ -148,7 +149,6 @@ async def test_node_network_faults_lose_nothing_and_keep_alarms_local(tmp_path: 
                     ended = time.monotonic()
                     applied.append({"fault": kind, "seconds": seconds, "began_s": round(began - mono0, 3),
                                     "ended_s": round(ended - mono0, 3), "recovery_s": await recovery(ended)})
-                end_of_faults = time.monotonic()
                 reads_until = time.time_ns() // 1_000_000 - 3000  # what the node read up to 3 s ago must all arrive
                 deadline = time.monotonic() + 25
 

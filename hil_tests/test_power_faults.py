@@ -85,12 +85,11 @@ from .powerfault import (
     node_torn,
     provision_node,
     read_journal,
-    seed,
 )
+from .report import ARTIFACTS, seed
 
 pytestmark = pytest.mark.hil
 
-ARTIFACTS = ROOT / "test-artifacts" / "hil"
 REPORT = ARTIFACTS / "power-faults.json"
 POINTS = 4
 INTERVAL_S = 0.2

@@ -18,7 +18,7 @@ import pytest
 from gateway import wire
 from gateway.model import Reading
 
-from .report import ARTIFACTS, ScenarioRecord
+from .report import ARTIFACTS, ScenarioRecord, seed
 from .soak import (
     LINE_CLASSES,
     NET_CLASSES,
@@ -37,13 +37,8 @@ from .soak import (
 
 pytestmark = pytest.mark.hil
 
-DEFAULT_SEED = 20261202
 DURATION_S = parse_duration(os.environ.get("YUJING_HIL_SOAK", "75s"))
 TAIL_S = 10.0
-
-
-def seed() -> int:
-    return int(os.environ.get("YUJING_HIL_SEED", DEFAULT_SEED))
 
 
 @pytest.mark.needs("simulated_devices", "rs485_fault_injection", "network_faults")
